@@ -1,0 +1,72 @@
+"""Pure tensor math: the log-prob gather and the preference / SFT losses. Imports torch only.
+
+Every loss returns PER-EXAMPLE tensors of shape (B,) plus detached statistics; the caller reduces.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def token_logps(logits, target_ids, chunk_rows=4096):
+    """log p(target) for every row of logits: logits [..., V] (any float dtype), target_ids [...] -> [...] float32.
+
+    log p(y) = z_y - logsumexp(z). One logit is gathered per row and the row is reduced, so no [N, V]
+    log-softmax is ever stored; rows go through in chunks so a bf16 logits tensor is upcast to float32 a chunk
+    at a time (a full fp32 copy of [N, 128k] logits would be the largest tensor of the step).
+    """
+    V = logits.shape[-1]
+    flat_logits, flat_targets = logits.reshape(-1, V), target_ids.reshape(-1)
+    out = []
+    for s in range(0, flat_logits.shape[0], chunk_rows):
+        z = flat_logits[s:s + chunk_rows].float()                                   # [n, V]
+        out.append(z.gather(-1, flat_targets[s:s + chunk_rows, None]).squeeze(-1) - torch.logsumexp(z, dim=-1))
+    if not out:
+        return flat_logits.new_zeros(target_ids.shape, dtype=torch.float32)
+    return torch.cat(out).view(target_ids.shape)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta=0.1, label_smoothing=0.0, loss_type="sigmoid"):
+    """Direct Preference Optimization on summed sequence log-probs, each (B,). Returns (losses, chosen_rewards,
+    rejected_rewards), each (B,); rewards are beta * (policy - reference), detached.
+
+    h = [log pi(y+|x) - log pi(y-|x)] - [log ref(y+|x) - log ref(y-|x)]
+    sigmoid  L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)      DPO (Rafailov et al. 2023, eq. 7);
+             eps = label_smoothing > 0 is conservative DPO (Mitchell 2023: labels flipped with probability eps)
+    ipo      L = (h - 1 / (2 beta))^2                                       IPO (Azar et al. 2023, eq. 17)
+    """
+    h = (policy_chosen_logps - policy_rejected_logps) - (reference_chosen_logps - reference_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose 'sigmoid' or 'ipo'")
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def sft_loss(logps, n_tokens):
+    """Per-example negative log-likelihood averaged over the example's tokens, (B,):  -logps / max(n_tokens, 1).
+    The release's SFT term (LLaMA-Factory's dpo_ftx) is this token average, not the sum; the clamp makes a
+    fully masked row give 0, never NaN."""
+    return -logps / n_tokens.clamp(min=1)
+
+
+def macpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+               chosen_n_tokens, beta=0.1, sft_weight=0.2, label_smoothing=0.0, loss_type="sigmoid"):
+    """MACPO's contrastive objective as released (--stage dpo --dpo_ftx 0.2):
+
+    L(x, y+, y-) = L_DPO(x, y+, y-) + sft_weight * ( -(1/|y+|) sum_t log pi(y+_t | x, y+_<t) )
+
+    Inputs are (B,) tensors; returns (losses (B,), stats) where stats holds detached (B,) tensors for logging:
+    dpo, sft, chosen_rewards, rejected_rewards, margin, accuracy (1 where the chosen reward is higher).
+    """
+    dpo, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
+                                                     reference_chosen_logps, reference_rejected_logps,
+                                                     beta, label_smoothing, loss_type)
+    sft = sft_loss(policy_chosen_logps, chosen_n_tokens)
+    stats = {"dpo": dpo.detach(), "sft": sft.detach(), "chosen_rewards": chosen_rewards,
+             "rejected_rewards": rejected_rewards, "margin": chosen_rewards - rejected_rewards,
+             "accuracy": (chosen_rewards > rejected_rewards).float()}
+    return dpo + sft_weight * sft, stats

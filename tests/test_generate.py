@@ -1,0 +1,117 @@
+"""generate.py on tiny randomly initialised Llamas, against independent one-at-a-time computations."""
+import math
+
+import pytest
+import torch
+
+from conftest import make_model
+from data import collate, encode
+from generate import generate, perplexity, sequence_logps
+
+PROMPTS = ["USER: What is 12 + 30? ASSISTANT:", "USER: hello ASSISTANT:",
+           "A chat between a curious user and an artificial intelligence assistant. USER: How do I pick a lock? ASSISTANT:"]
+RESPONSES = ["12 + 30 = 42.", "the quick brown fox jumps over the lazy dog", "Sorry"]
+
+
+def reference_logps(model, ids, mask):
+    """Independent: full forward of ONE unpadded sequence, log_softmax over the whole vocabulary, sum the
+    log-probs of the masked tokens."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()           # [T, V]
+    lp = torch.log_softmax(logits, -1)
+    return sum(lp[p - 1, ids[p]].item() for p in range(1, len(ids)) if mask[p]), sum(mask[1:])
+
+
+def test_sequence_logps_batched_equals_one_at_a_time(model, tokenizer):
+    rows = [encode(tokenizer, p, r, 128) for p, r in zip(PROMPTS, RESPONSES)]
+    batch = collate(rows, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == 3 and len({len(ids) for ids, _ in rows}) > 1   # padding happens
+    with torch.no_grad():
+        logps, n = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    for i, (ids, mask) in enumerate(rows):
+        ref, ref_n = reference_logps(model, ids, mask)
+        assert logps[i].item() == pytest.approx(ref, abs=1e-4)
+        assert n[i].item() == ref_n == len(tokenizer(RESPONSES[i], add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_sequence_scores_the_same_alone_and_in_a_padded_batch(model, tokenizer):
+    short = encode(tokenizer, PROMPTS[1], RESPONSES[2], 128)
+    long = encode(tokenizer, PROMPTS[2], RESPONSES[1], 128)
+    with torch.no_grad():
+        alone = sequence_logps(model, *[collate([short], 0)[k] for k in ("input_ids", "attention_mask", "loss_mask")])
+        b = collate([long, short], tokenizer.pad_token_id)
+        batched = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    assert batched[0][1].item() == pytest.approx(alone[0][0].item(), abs=1e-4)
+
+
+def test_fully_masked_row_is_zero_and_prompt_positions_do_not_count(model, tokenizer):
+    ids, mask = encode(tokenizer, PROMPTS[0], RESPONSES[0], 128)
+    b = collate([(ids, mask), (ids, [0] * len(ids))], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logps, n = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    assert logps[1].item() == 0.0 and n[1].item() == 0
+    # changing the loss mask on prompt positions to 1 changes the score: they are excluded by the mask only
+    n_prompt = mask.index(1)
+    full = collate([(ids, [0] + [1] * (len(ids) - 1))], tokenizer.pad_token_id)
+    with torch.no_grad():
+        all_logps, all_n = sequence_logps(model, full["input_ids"], full["attention_mask"], full["loss_mask"])
+    assert all_n.item() == n[0].item() + n_prompt - 1
+    assert all_logps.item() < logps[0].item()
+
+
+def test_gradients_flow_through_sequence_logps(model, tokenizer):
+    b = collate([encode(tokenizer, PROMPTS[0], RESPONSES[0], 128)], tokenizer.pad_token_id)
+    logps, _ = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+    logps.sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_perplexity_of_uniform_model_is_vocabulary_size(tokenizer):
+    m = make_model(tokenizer)
+    torch.nn.init.zeros_(m.lm_head.weight)          # every logit 0 -> p = 1/V for every token
+    ppl = perplexity(m, tokenizer, PROMPTS, RESPONSES, batch_size=2)
+    assert ppl == pytest.approx([m.config.vocab_size] * 3, rel=1e-5)
+
+
+def test_perplexity_matches_one_pair_at_a_time_in_input_order(model, tokenizer):
+    prompts, responses = PROMPTS * 2, RESPONSES + RESPONSES[::-1]
+    ppl = perplexity(model, tokenizer, prompts, responses, batch_size=4)
+    for p, r, got in zip(prompts, responses, ppl):
+        logp, n = reference_logps(model, *encode(tokenizer, p, r, 128))
+        assert got == pytest.approx(math.exp(-logp / n), rel=1e-4)
+
+
+def reference_greedy(model, tokenizer, prompt, max_new_tokens):
+    """Independent: no cache, no padding; re-run the whole sequence each step and take the argmax."""
+    ids = tokenizer(prompt)["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = model(torch.tensor([ids + new])).logits[0, -1].argmax().item()
+            if nxt == tokenizer.eos_token_id:
+                break
+            new.append(nxt)
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
+
+
+def test_greedy_batched_generate_equals_one_prompt_at_a_time_and_eos_stops(tokenizer):
+    m = make_model(tokenizer, seed=3)
+    # a head with a bias on EOS makes some rows stop early and others run to the limit
+    head = torch.nn.Linear(m.config.hidden_size, m.config.vocab_size, bias=True)
+    head.weight.data.copy_(m.lm_head.weight.data * 5)
+    head.bias.data.zero_()
+    head.bias.data[tokenizer.eos_token_id] = 0.5
+    m.lm_head = head
+    prompts = PROMPTS + ["USER: What is 1 + 2? ASSISTANT:", "hello", "the lazy dog"]
+    got = generate(m, tokenizer, prompts, max_new_tokens=12, temperature=0, batch_size=4, progress=False)
+    refs = [reference_greedy(m, tokenizer, p, 12) for p in prompts]
+    assert got == [r for r, _ in refs]
+    lengths = [n for _, n in refs]
+    assert min(lengths) < 12 and max(lengths) == 12, lengths     # both an EOS stop and a full-length row
+
+
+def test_sampling_is_deterministic_for_a_seed(model, tokenizer):
+    a = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5, progress=False)
+    b = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5, progress=False)
+    c = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=6, progress=False)
+    assert a == b and a != c
