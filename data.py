@@ -1,11 +1,24 @@
-"""Text to tensors: dataset readers, splits, prompt rendering, tokenization and collation.
+"""Text to tensors: dataset readers and downloads, splits, prompt rendering, tokenization and collation.
 
 Bottom layer of macpo: imports nothing from the project. Every (prompt, response) pair becomes token ids in
 exactly one place, `encode`, used by training, reference caching and perplexity scoring alike.
 """
+import gzip
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import urllib.request
+import zlib
+from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 class DataError(ValueError):
@@ -21,6 +34,404 @@ class Example:
     chosen: str
     rejected: str | None = None
     source: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading datasets in their original formats. Every reader returns list[Example] with source = "path:line".
+# Malformed lines raise DataError naming the file and line; known-bad records of the public datasets (a response
+# that is empty, or identical on both sides) are skipped, counted, and reported in one line on stderr.
+
+def _json_lines(path):
+    """Yield (line number, parsed JSON object) for each non-blank line of a .jsonl or .jsonl.gz file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    lineno = 0
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                                    f"{e.start + 1})") from None
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                yield lineno, record
+        # gzip reports a cut-off download only when it reaches the missing end; every line before it was whole.
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(f"{path}:{lineno + 1}: the file is truncated or corrupt ({e}); "
+                            "delete it and download it again") from None
+
+
+def _field(record, key, kind, where):
+    """record[key], which must exist and be of type `kind` (bool does not pass for int)."""
+    if key not in record:
+        raise DataError(f"{where}: missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DataError(f"{where}: field {key!r} should be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _skip_reason(chosen, rejected):
+    """Why a (chosen, rejected) pair teaches nothing, or None if it is usable. rejected=None is an SFT record."""
+    if not chosen or rejected == "":
+        return "empty response"
+    if chosen == rejected:
+        return "chosen == rejected"
+    return None
+
+
+def _report_skips(reader, path, total, skipped):
+    """One line on stderr, so that no record disappears without a trace."""
+    if skipped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+        print(f"{reader}: skipped {sum(skipped.values())} of {total} records in {path} ({reasons})", file=sys.stderr)
+
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def _hh_turns(text):
+    """'\\n\\nHuman: q1\\n\\nAssistant: a1\\n\\nHuman: q2' -> role/content turns, or None if the text is not a
+    dialogue that starts with a Human turn and ends with one."""
+    parts = re.split(r"\n\n(Human|Assistant):", text)   # [text before the first turn, role, content, role, ...]
+    if parts[0].strip() or len(parts) < 3 or parts[-2] != "Human":
+        return None
+    return [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+            for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def read_hh(path):
+    """Anthropic HH-RLHF (.jsonl.gz or .jsonl, lines {"chosen": dialogue, "rejected": dialogue}) -> Examples.
+
+    The prompt is each dialogue up to its last "\\n\\nAssistant:"; the response is the text after it, stripped.
+    Skipped and reported: no Assistant turn, the two prompts differ (a response that itself contains an
+    "\\n\\nAssistant:" turn), a prompt that is not a Human-first, Human-last dialogue, an empty response, and
+    chosen == rejected. (Of the 2354 helpful-base test rows, 15 are skipped; 9 of the 2312 harmless-base.)
+    """
+    examples, skipped, total = [], Counter(), 0
+    for lineno, record in _json_lines(path):
+        total += 1
+        where = f"{path}:{lineno}"
+        chosen_text, rejected_text = _field(record, "chosen", str, where), _field(record, "rejected", str, where)
+        c, r = chosen_text.rfind(ASSISTANT), rejected_text.rfind(ASSISTANT)
+        if c < 0 or r < 0:
+            skipped["no Assistant turn"] += 1
+            continue
+        if chosen_text[:c] != rejected_text[:r]:
+            skipped["prompts differ"] += 1
+            continue
+        prompt = _hh_turns(chosen_text[:c])
+        if prompt is None:
+            skipped["prompt not a Human ... Human dialogue"] += 1
+            continue
+        chosen, rejected = chosen_text[c + len(ASSISTANT):].strip(), rejected_text[r + len(ASSISTANT):].strip()
+        if reason := _skip_reason(chosen, rejected):
+            skipped[reason] += 1
+            continue
+        examples.append(Example(prompt, chosen, rejected, where))
+    _report_skips("read_hh", path, total, skipped)
+    return examples
+
+
+PKU_ORDERS = ("safer", "better")
+
+
+def read_pku(path, order="safer"):
+    """PKU-SafeRLHF JSONL (prompt, response_0, response_1, better_response_id, safer_response_id, ...) ->
+    single-turn Examples. order="safer" makes the safer response `chosen` (the harmlessness label),
+    order="better" the more helpful one. The is_response_*_safe labels are not used."""
+    if order not in PKU_ORDERS:
+        raise DataError(f"unknown PKU order {order!r}; choose one of {', '.join(PKU_ORDERS)}")
+    label = f"{order}_response_id"
+    examples, skipped, total = [], Counter(), 0
+    for lineno, record in _json_lines(path):
+        total += 1
+        where = f"{path}:{lineno}"
+        prompt = _field(record, "prompt", str, where).strip()
+        responses = [_field(record, "response_0", str, where).strip(), _field(record, "response_1", str, where).strip()]
+        best = _field(record, label, int, where)
+        if best not in (0, 1):
+            raise DataError(f"{where}: field {label!r} should be 0 or 1, got {best}")
+        chosen, rejected = responses[best], responses[1 - best]
+        if not prompt:
+            skipped["empty prompt"] += 1
+            continue
+        if reason := _skip_reason(chosen, rejected):
+            skipped[reason] += 1
+            continue
+        examples.append(Example([{"role": "user", "content": prompt}], chosen, rejected, where))
+    _report_skips("read_pku", path, total, skipped)
+    return examples
+
+
+def _json_list(path):
+    """Yield (record index, line where the record starts, record) for a file holding one JSON list."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    # json.loads keeps no positions; walk the (now known valid) list once more with raw_decode to find where each
+    # record starts, so errors and `source` can name a line.
+    decoder, pos = json.JSONDecoder(), text.index("[") + 1
+    for index, record in enumerate(records):
+        pos = re.compile(r"[\s,]*").match(text, pos).end()
+        line = text.count("\n", 0, pos) + 1
+        pos = decoder.raw_decode(text, pos)[1]
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line} (record {index}): expected a JSON object, got {type(record).__name__}")
+        yield index, line, record
+
+
+def _flat_turns(text):
+    """The release's flattened HH dialogue "USER: q1 ASSISTANT: a1 USER: q2" -> role/content turns, or None if
+    it does not end with a user turn. Text not starting with "USER:" (PKU) is one user turn."""
+    if not text.startswith("USER:"):
+        return [{"role": "user", "content": text.strip()}]
+    parts = re.split(r"(?:^|\s)(USER|ASSISTANT):(?=\s|$)", text)   # ["", role, content, role, content, ...]
+    if parts[-2] != "USER":
+        return None
+    return [{"role": "user" if role == "USER" else "assistant", "content": content.strip()}
+            for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def read_llamafactory(path):
+    """The official MACPO release's LLaMA-Factory JSON: a list of {"instruction", "input", "output"}.
+
+    output is a string (SFT file: rejected=None) or a list [chosen, rejected] (pairwise file). A non-empty
+    input is appended to the instruction after "\\n" (the alpaca convention). Errors name the file, the line
+    where the record starts, and its index in the list.
+    """
+    examples, skipped, total = [], Counter(), 0
+    for index, line, record in _json_list(path):
+        total += 1
+        where = f"{path}:{line} (record {index})"
+        instruction = _field(record, "instruction", str, where)
+        extra = _field(record, "input", str, where) if "input" in record else ""
+        prompt = _flat_turns(f"{instruction}\n{extra}" if extra else instruction)
+        if prompt is None:
+            raise DataError(f"{where}: the instruction's last turn is ASSISTANT:, expected a USER: turn")
+        output = record.get("output")
+        if isinstance(output, str):
+            chosen, rejected = output.strip(), None
+        elif isinstance(output, list) and len(output) == 2 and all(isinstance(o, str) for o in output):
+            chosen, rejected = output[0].strip(), output[1].strip()
+        else:
+            raise DataError(f"{where}: field 'output' should be a string or a list [chosen, rejected] of two "
+                            f"strings, got {output!r:.80}")
+        if reason := _skip_reason(chosen, rejected):
+            skipped[reason] += 1
+            continue
+        examples.append(Example(prompt, chosen, rejected, f"{path}:{line}"))
+    _report_skips("read_llamafactory", path, total, skipped)
+    return examples
+
+
+def read_jsonl_pairs(path):
+    """Your own data: JSONL of {"prompt": str or [{"role", "content"}, ...], "chosen": str, "rejected": str}.
+    "rejected" may be left out (SFT records). A list prompt must end with a user turn."""
+    examples, skipped, total = [], Counter(), 0
+    for lineno, record in _json_lines(path):
+        total += 1
+        where = f"{path}:{lineno}"
+        prompt = _field(record, "prompt", (str, list), where)
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt.strip()}]
+        else:
+            for turn in prompt:
+                if not (isinstance(turn, dict) and turn.get("role") in ("user", "assistant")
+                        and isinstance(turn.get("content"), str)):
+                    raise DataError(f'{where}: each prompt turn should be {{"role": "user" or "assistant", '
+                                    f'"content": str}}, got {turn!r:.80}')
+            if not prompt or prompt[-1]["role"] != "user":
+                raise DataError(f"{where}: the prompt's last turn should have role 'user'")
+            prompt = [{"role": t["role"], "content": t["content"].strip()} for t in prompt]
+        chosen = _field(record, "chosen", str, where).strip()
+        rejected = _field(record, "rejected", str, where).strip() if record.get("rejected") is not None else None
+        if reason := _skip_reason(chosen, rejected):
+            skipped[reason] += 1
+            continue
+        examples.append(Example(prompt, chosen, rejected, where))
+    _report_skips("read_jsonl_pairs", path, total, skipped)
+    return examples
+
+
+READERS = {"hh": read_hh, "pku": read_pku, "llamafactory": read_llamafactory, "jsonl": read_jsonl_pairs}
+
+
+def sniff_format(path):
+    """Guess the format from the file's first record: a JSON list is llamafactory; a JSONL line with
+    response_0 is pku, with prompt and chosen is jsonl, with chosen and rejected only is hh."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        try:
+            first = next((line for line in f if line.strip()), b"").lstrip()
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(f"{path}: the file is truncated or corrupt ({e})") from None
+    if first.startswith(b"["):
+        return "llamafactory"
+    try:
+        keys = set(json.loads(first))
+    except (ValueError, TypeError):
+        keys = set()
+    if "response_0" in keys:
+        return "pku"
+    if {"prompt", "chosen"} <= keys:
+        return "jsonl"
+    if {"chosen", "rejected"} <= keys:
+        return "hh"
+    raise DataError(f"{path}: cannot tell its format from the first record; name it explicitly, one of "
+                    f"{', '.join(READERS)}")
+
+
+def read_any(path, fmt=None, order="safer"):
+    """Read `path` with the reader for `fmt` (one of READERS' keys), or the format sniff_format finds.
+    `order` is passed on to read_pku."""
+    fmt = sniff_format(path) if fmt is None else fmt
+    if fmt not in READERS:
+        raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(READERS)}")
+    return read_pku(path, order) if fmt == "pku" else READERS[fmt](path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Downloads: the HH-RLHF and PKU-SafeRLHF files from the Hugging Face hub, once, into a cache folder.
+
+HUB = "https://huggingface.co/datasets"
+# name -> (hub repository, file path inside it, subsets). PKU-SafeRLHF's current layout keeps one folder per
+# model that wrote the responses under data/; "Alpaca-7B" is the subset generated by Alpaca-7B.
+DATASETS = {
+    "hh": ("Anthropic/hh-rlhf", "{subset}/{split}.jsonl.gz", ("helpful-base", "harmless-base")),
+    "pku": ("PKU-Alignment/PKU-SafeRLHF", "data/{subset}/{split}.jsonl", ("Alpaca-7B",)),
+}
+SPLITS = ("train", "test")
+# (name, subset, split) -> (bytes, sha256), from the LFS pointers in anthropics/hh-rlhf. Files not listed are
+# not verified.
+KNOWN_FILES = {
+    ("hh", "helpful-base", "test"): (875191, "8be3fc1a13b27901631696f2be6f184c799f1baeaf145f53ac5db24960adc37b"),
+    ("hh", "harmless-base", "test"): (742801, "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03"),
+}
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "macpo"
+
+
+def dataset_file(name, subset, split, data_dir=None, cache_dir=DEFAULT_CACHE_DIR):
+    """Local path of one dataset file, downloading it into cache_dir if it is in neither place.
+
+    data_dir may be the dataset's own folder laid out as on the hub ({data_dir}/helpful-base/test.jsonl.gz,
+    {data_dir}/data/Alpaca-7B/train.jsonl) or a folder above it ({data_dir}/hh-rlhf/helpful-base/...).
+    The cache uses the second layout: {cache_dir}/hh-rlhf/helpful-base/test.jsonl.gz.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    repo, pattern, subsets = DATASETS[name]
+    if subset not in subsets or split not in SPLITS:
+        raise DataError(f"{name} has subsets {', '.join(subsets)} and splits {', '.join(SPLITS)}; "
+                        f"got {subset!r}, {split!r}")
+    relative = pattern.format(subset=subset, split=split)
+    folder = repo.split("/")[1]
+    candidates = [Path(data_dir) / relative, Path(data_dir) / folder / relative] if data_dir else []
+    target = Path(cache_dir) / folder / relative
+    for path in candidates + [target]:
+        if path.is_file():
+            return path
+    url = f"{HUB}/{repo}/resolve/main/{relative}"
+    try:
+        _download(url, target, KNOWN_FILES.get((name, subset, split)))
+    except OSError as e:   # urllib.error.URLError is an OSError, as are timeouts and refused connections
+        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}). Fetch it on a machine with "
+                        f"network access and put it at {target}, or pass --data_dir with a local folder that "
+                        f"holds {relative}") from None
+    return target
+
+
+def _download(url, target, known=None):
+    """url -> target with a progress bar; checked against known = (bytes, sha256) when given."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target under a temporary name and rename only when complete and verified, so a killed
+    # download never looks like a finished file.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+    try:
+        sha256, size = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {target.name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    sha256.update(chunk)
+                    size += len(chunk)
+                    bar.update(len(chunk))
+        if known and (size, sha256.hexdigest()) != known:
+            raise DataError(f"{url} gave {size} bytes with sha256 {sha256.hexdigest()}, expected {known[0]} bytes "
+                            f"with sha256 {known[1]}; not saved")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splits (paper Sec. 4.1): disjoint sets of prompts for weak-teacher initialisation, the weak-to-strong
+# prompts Q_w2s, and test. Paper sizes: 5000 / 5000 / 2000 for HH, 5000 / 5000 / 1000 for PKU.
+
+def _prompt_key(example):
+    return tuple((t["role"], t["content"]) for t in example.prompt)
+
+
+def _distinct_prompts(examples):
+    """The first example of each distinct prompt, in file order (PKU has several pairs per prompt)."""
+    seen = {}
+    for example in examples:
+        seen.setdefault(_prompt_key(example), example)
+    return list(seen.values())
+
+
+def paper_splits(examples, n_init, n_w2s, n_test, seed=0):
+    """examples -> (init, w2s, test) of exactly n_init, n_w2s, n_test examples, no prompt in two splits.
+
+    One example per distinct prompt (the first in file order), shuffled with `seed`: the same inputs and seed
+    always give the same splits.
+    """
+    pool = _distinct_prompts(examples)
+    need = n_init + n_w2s + n_test
+    if need > len(pool):
+        raise DataError(f"the data has {len(pool)} distinct prompts ({len(examples)} records) but the splits need "
+                        f"{need} (--n_init {n_init} + --n_w2s {n_w2s} + --n_test {n_test}); lower --n_init, "
+                        f"--n_w2s or --n_test")
+    random.Random(seed).shuffle(pool)
+    return pool[:n_init], pool[n_init:n_init + n_w2s], pool[n_init + n_w2s:need]
+
+
+def splits_with_test_file(train, test, n_init, n_w2s, n_test, seed=0):
+    """HH has its own test file: init and w2s come from `train` as in paper_splits, and the test split is the
+    first n_test distinct prompts of `test` in file order (the release's hh_test_2k files are the head of
+    HH's test files), leaving out any prompt already in init or w2s."""
+    init, w2s, _ = paper_splits(train, n_init, n_w2s, 0, seed)
+    used = {_prompt_key(e) for e in init + w2s}
+    pool = [e for e in _distinct_prompts(test) if _prompt_key(e) not in used]
+    if n_test > len(pool):
+        raise DataError(f"the test file has {len(pool)} distinct prompts not in the training splits but --n_test is "
+                        f"{n_test}; lower --n_test")
+    return init, w2s, pool[:n_test]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -77,6 +488,15 @@ def render_prompt(turns, template="vicuna", tokenizer=None, system=None):
 # ---------------------------------------------------------------------------------------------------------
 # Tokenization: prompt + response + EOS, loss on the response and the EOS only.
 
+def truncate_prompt(prompt_ids, max_prompt_length, bos_id=None):
+    """Keep the END of a prompt (the turn being answered), at most max_prompt_length ids; a leading BOS stays."""
+    if len(prompt_ids) <= max_prompt_length:
+        return prompt_ids
+    has_bos = bos_id is not None and prompt_ids[:1] == [bos_id]
+    keep = max_prompt_length - int(has_bos)
+    return prompt_ids[:1] * has_bos + prompt_ids[len(prompt_ids) - keep:]
+
+
 def encode(tokenizer, prompt, response, max_length, max_prompt_length=None):
     """(rendered prompt text, response text) -> (input_ids, loss_mask), two lists of ints of equal length.
 
@@ -87,14 +507,16 @@ def encode(tokenizer, prompt, response, max_length, max_prompt_length=None):
     max_length // 2, the BOS kept in front), then cut the response's tail; a cut response loses its EOS too,
     so the model is never taught to stop mid-sentence.
     """
+    max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
+    # A prompt allowed to fill max_length would leave no room for the response (and made the cut below a
+    # negative slice that kept tokens instead of dropping them).
+    if not 0 < max_prompt_length < max_length:
+        raise DataError(f"--max_prompt_length ({max_prompt_length}) must be between 1 and --max_length "
+                        f"({max_length}) - 1, so that some of the response fits")
     prompt_ids = tokenizer(prompt)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(prompt_ids) + len(response_ids) > max_length:
-        max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
-        if len(prompt_ids) > max_prompt_length:
-            has_bos = tokenizer.bos_token_id is not None and prompt_ids[:1] == [tokenizer.bos_token_id]
-            keep = max_prompt_length - int(has_bos)
-            prompt_ids = prompt_ids[:1] * has_bos + prompt_ids[len(prompt_ids) - keep:]
+        prompt_ids = truncate_prompt(prompt_ids, max_prompt_length, tokenizer.bos_token_id)
         response_ids = response_ids[:max_length - len(prompt_ids)]
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
