@@ -49,7 +49,7 @@ def sequence_logps(model, input_ids, attention_mask, loss_mask):
     return logps, n_tokens
 
 
-def _length_sorted_batches(lengths, batch_size):
+def length_sorted_batches(lengths, batch_size):
     """Indices grouped into batches of similar length (longest first, so an out-of-memory shows up at once)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -69,7 +69,7 @@ def perplexity(model, tokenizer, prompts, responses, batch_size=32, max_length=1
     encoded = [encode(tokenizer, p, r, max_length, max_prompt_length) for p, r in zip(prompts, responses)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = [0.0] * len(encoded)
-    batches = _length_sorted_batches([len(ids) for ids, _ in encoded], batch_size)
+    batches = length_sorted_batches([len(ids) for ids, _ in encoded], batch_size)
     for idx in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
         batch = collate([encoded[i] for i in idx], pad_id)
         logps, n = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
@@ -113,7 +113,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top
     encoded = [truncate_prompt(tokenizer(p)["input_ids"], max_prompt_length, tokenizer.bos_token_id) for p in prompts]
     out = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for idx in _length_sorted_batches([len(e) for e in encoded], batch_size):
+    for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
         B, P = len(idx), max(len(encoded[i]) for i in idx)
         input_ids = torch.full((B, P), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, P), dtype=torch.long)

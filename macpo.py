@@ -1,0 +1,507 @@
+"""MACPO: weak-to-strong alignment by multi-agent contrastive preference optimization (Lyu et al., ICLR 2025).
+
+K weak teachers and one strong student learn from each other for T rounds. Each agent has a negative twin,
+fine-tuned on negative data, whose outputs are the agent's familiar (hard) negatives; each round the student
+takes, per prompt, the teacher response it finds most familiar (lowest perplexity) as its positive, the
+teachers take the student's response as theirs, and every agent is updated with DPO + 0.2 x SFT.
+
+    bash run.sh toy                                   # the built-in offline task (K = 3, T = 3), CPU, minutes
+    python macpo.py --out runs/toy                    # the same, without run.sh's venv set-up
+    python macpo.py --task hh-helpful --teachers A,B,C --student S --data_dir ../shared/data/hh-rlhf ...
+
+Every stage writes into its own folder under --out and is marked done last; running the same command again
+skips finished stages, so a killed run continues where it stopped. Algorithm 1 is `macpo` below.
+"""
+import argparse
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import data
+from generate import generate, perplexity
+from train import ModelLoadError, NonFiniteError, default_device, load_model, reference_logps, save_model, train
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration: one flat dataclass, every field a command-line flag (--name value). run.sh's presets are
+# visible sets of these flags. Defaults run the built-in toy task; comments say where a value comes from.
+
+@dataclass
+class Config:
+    # run
+    out: str = "runs/toy"               # run folder: checkpoints, generations, pairs, metrics.jsonl, results.json
+    seed: int = 0                       # every stage derives its own seed from this and its name
+    device: str = "auto"                # auto = cuda if available, else cpu (bf16 on cuda, float32 on cpu)
+    trust_remote_code: bool = False     # let transformers run code shipped with a hub model; off unless asked
+    # task and data
+    task: str = "toy"                   # toy | hh-helpful | hh-harmless | pku | file
+    data_dir: str = ""                  # local dataset folder (hh: {subset}/{split}.jsonl.gz; pku: {split}.jsonl)
+    data_file: str = ""                 # task=file: your own JSONL (prompt/chosen/rejected) or LLaMA-Factory JSON
+    train_split: str = "train"          # split the init and weak-to-strong prompts come from; "test" splits the
+                                        # test file three ways (offline runs on ../shared/data)
+    pku_order: str = "safer"            # PKU-SafeRLHF pair order: safer (default) or better (more helpful)
+    n_init: int = 1500                  # weak-teacher initialisation pairs (paper: 5,000)
+    n_w2s: int = 1500                   # weak-to-strong prompts Q_w2s (paper: 5,000)
+    n_test: int = 400                   # test prompts (paper: 2,000 HH, 1,000 PKU)
+    template: str = "vicuna"            # prompt template: vicuna (release, HH) | alpaca (release, PKU) | chat | hh
+    system: str = "default"             # system line: "default" = the template's own, "" = none
+    max_length: int = 1024              # prompt + response tokens (release: LLaMA-Factory's cutoff_len 1024)
+    max_prompt_length: int = 512        # prompt tokens kept (from the end) when a pair is too long
+    # agents
+    teachers: str = "toy"               # comma-separated model names or folders, one per weak teacher (K of them);
+                                        # "toy" = n_teachers tiny Llamas pre-trained here
+    n_teachers: int = 3                 # K for --teachers toy (paper: 3)
+    student: str = "toy"                # strong student model name or folder; "toy" = a tiny Llama pre-trained here
+    rounds: int = 0                     # T; 0 means T = K, as released (3 stages for 3 teachers)
+    weak_label_teacher: int = 0         # the teacher whose generations are the weak labels and whose negative twin
+                                        # writes the student twin's data (release: apparently Llama2-7b, the first)
+    reference: str = "previous"         # DPO reference: previous (the agent at the round's start, so the first
+                                        # step's DPO loss is ln 2) | init (after SFT) | base (the release: LoRA
+                                        # with adapters off = the raw base model). The paper is silent.
+    student_positive_from: str = "before"   # the teachers' positive is the student's response from before its
+                                            # update this round, or after it. The paper is silent.
+    # supervised fine-tuning (initialisation)
+    sft_lr: float = 5e-5                # release: 5e-5 (strong pos/neg init)
+    teacher_sft_epochs: int = 3         # weak teachers on ground-truth chosen (release scripts missing; = student's)
+    student_sft_epochs: int = 3         # strong student on weak labels (release: 3)
+    neg_sft_epochs: int = 1             # negative twins, continued from the positive agent (release: 1)
+    # contrastive update (each round)
+    dpo_lr: float = 1e-5                # release: 1e-5, 1 epoch
+    dpo_epochs: int = 1
+    beta: float = 0.1                   # DPO temperature (LLaMA-Factory default; the paper's value not found)
+    sft_weight: float = 0.2             # weight of the SFT term on the positive (release: --dpo_ftx 0.2)
+    loss_type: str = "sigmoid"          # sigmoid (DPO) | ipo
+    label_smoothing: float = 0.0        # > 0: conservative DPO
+    batch_size: int = 16                # sequences (SFT) or pairs (DPO) per micro-batch
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    warmup_ratio: float = 0.0           # linear warm-up share of the steps, then cosine (release: 0, cosine)
+    grad_clip: float = 1.0              # max gradient norm; 0 turns clipping off
+    log_every: int = 10                 # optimizer steps between metrics lines (and the only host syncs)
+    # generation and scoring
+    max_new_tokens: int = 256           # per response
+    temperature: float = 0.7            # sampling for training data (teacher, student, negative generations);
+    top_p: float = 0.9                  #   the release's generation settings are not known
+    eval_temperature: float = 0.0       # test generations: 0 = greedy, so evaluation is exact and repeatable
+    gen_batch_size: int = 32
+    score_batch_size: int = 32          # perplexity and reference log-prob batches
+    # the toy task (task=toy): tiny Llamas, the strong base pre-trained longer on the task's plain text
+    toy_teacher_sizes: str = "64x2,64x2,96x2"       # hidden x layers per weak teacher
+    toy_student_size: str = "128x3"                  # hidden x layers of the strong student
+    toy_teacher_pretrain_steps: str = "200,300,400"  # pre-training steps per weak teacher
+    toy_student_pretrain_steps: int = 1500           # pre-training steps of the strong student
+    toy_pretrain_lr: float = 2e-3
+    toy_pretrain_batch_size: int = 64
+    # evaluation
+    evaluate: bool = True               # generate on the test prompts after init and each round (toy: gold reward)
+    ceiling: bool = True                # also train the strong student by SFT on ground truth (the ceiling)
+
+    @property
+    def K(self):
+        return self.n_teachers if self.teachers == "toy" else len(self.teachers.split(","))
+
+    @property
+    def T(self):
+        return self.rounds or self.K
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type in (bool, "bool"):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    problems = validate(cfg)
+    if problems:
+        parser.error("\n  ".join(problems))
+    return cfg
+
+
+def validate(cfg):
+    """Flags that cannot work together, refused before any compute, each with what to change."""
+    p = []
+    choices = {"task": ("toy", "hh-helpful", "hh-harmless", "pku", "file"), "template": data.TEMPLATES,
+               "reference": ("previous", "init", "base"), "student_positive_from": ("before", "after"),
+               "loss_type": ("sigmoid", "ipo"), "pku_order": ("safer", "better")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            p.append(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+    if cfg.K < 1:
+        p.append("--n_teachers must be at least 1")
+    if not 0 <= cfg.weak_label_teacher < cfg.K:
+        p.append(f"--weak_label_teacher {cfg.weak_label_teacher} must name one of the {cfg.K} teachers (0..{cfg.K - 1})")
+    if cfg.n_init < 1 or cfg.n_w2s < 1 or cfg.n_test < 0:
+        p.append("--n_init and --n_w2s must be at least 1, --n_test at least 0")
+    if not 0 < cfg.max_prompt_length < cfg.max_length:
+        p.append(f"--max_prompt_length {cfg.max_prompt_length} must be positive and below --max_length {cfg.max_length}")
+    if cfg.task == "file" and not cfg.data_file:
+        p.append("--task file needs --data_file PATH")
+    if (cfg.teachers == "toy") != (cfg.student == "toy"):
+        p.append("--teachers toy and --student toy go together (tiny models built here share the toy tokenizer)")
+    if cfg.teachers == "toy" and cfg.task != "toy":
+        p.append(f"--task {cfg.task} needs real models: pass --teachers A,B,C and --student S (names or folders)")
+    if cfg.teachers == "toy":
+        sizes, steps = cfg.toy_teacher_sizes.split(","), cfg.toy_teacher_pretrain_steps.split(",")
+        if len(sizes) < cfg.K or len(steps) < cfg.K:
+            p.append(f"--toy_teacher_sizes and --toy_teacher_pretrain_steps need {cfg.K} entries (one per teacher)")
+    for name in ("batch_size", "gen_batch_size", "score_batch_size", "grad_accum", "max_new_tokens", "log_every"):
+        if getattr(cfg, name) < 1:
+            p.append(f"--{name} must be at least 1")
+    if cfg.beta <= 0 or cfg.sft_weight < 0 or not 0 <= cfg.label_smoothing < 0.5:
+        p.append("--beta must be > 0, --sft_weight >= 0, --label_smoothing in [0, 0.5)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run folder. A stage is a folder written under a temporary name, marked DONE, then renamed into place:
+# a folder without DONE (or a *.partial one) is never taken for a finished stage. Each stage seeds itself from
+# (seed, name), so a resumed run computes exactly what an uninterrupted one would.
+
+class Run:
+    def __init__(self, cfg):
+        self.cfg, self.out, self.order = cfg, Path(cfg.out), []
+        self.out.mkdir(parents=True, exist_ok=True)
+        # One process per run folder: flock is released by the kernel when the process dies, so a crash never
+        # leaves a stale lock behind.
+        self._lock = open(self.out / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"error: another macpo process is running in {self.out} (it holds {self.out}/.lock); "
+                     f"wait for it to finish or pass a different --out")
+        config = dataclasses.asdict(cfg)
+        saved = self.out / "config.json"
+        if saved.exists():
+            old = json.loads(saved.read_text())
+            changed = sorted(k for k in config if k != "out" and old.get(k) != config[k])
+            if changed:
+                sys.exit(f"error: {self.out} holds a run with a different configuration ({', '.join(changed)}); "
+                         f"resume with the same flags, or pass a different --out")
+        write_json(saved, config)
+
+    def stage(self, name, build):
+        """Run build(folder) unless stage `name` is done; return the finished folder."""
+        final = self.out / name
+        self.order.append(name)
+        if (final / "DONE").exists():
+            return final
+        tmp = final.with_name(final.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t0 = time.time()
+        build(tmp)
+        (tmp / "DONE").write_text(f"{time.time() - t0:.1f} s\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self.collect_metrics()
+        return final
+
+    def seed(self, name):
+        return zlib.crc32(f"{self.cfg.seed}/{name}".encode())
+
+    def collect_metrics(self):
+        """metrics.jsonl = every finished stage's own metrics, in stage order (rebuilt, so never duplicated)."""
+        lines = []
+        for name in self.order:
+            f = self.out / name / "metrics.jsonl"
+            if f.exists():
+                lines += f.read_text().splitlines()
+        write_text(self.out / "metrics.jsonl", "".join(line + "\n" for line in lines))
+
+
+def write_text(path, text):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path, rows):
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stages. Every model goes to and from disk between stages (save_pretrained, safetensors), so only the models
+# a stage needs are in memory and any stage can be resumed alone. Rows are (prompt turns, chosen, rejected);
+# each agent renders prompts with its own tokenizer (agents exchange text, not ids).
+
+def _render(cfg, turns, tokenizer):
+    return data.render_prompt(turns, cfg.template, tokenizer, None if cfg.system == "default" else cfg.system)
+
+
+def _load(cfg, path):
+    return load_model(str(path), cfg.device, cfg.trust_remote_code)
+
+
+def _train_kwargs(cfg):
+    return dict(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_length=cfg.max_length,
+                max_prompt_length=cfg.max_prompt_length, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
+                log_every=cfg.log_every)
+
+
+def sft_stage(cfg, run, name, start, rows, epochs, lr=None, **overrides):
+    """Supervised fine-tuning of the model at `start` on rows' chosen responses -> checkpoint folder."""
+    def build(folder):
+        model, tokenizer = _load(cfg, start)
+        rendered = [(_render(cfg, turns, tokenizer), chosen, None) for turns, chosen, _ in rows]
+        with open(folder / "metrics.jsonl", "w") as log:
+            train(model, tokenizer, rendered, kind="sft", epochs=epochs, lr=lr or cfg.sft_lr, seed=run.seed(name),
+                  log_file=log, desc=name, **(_train_kwargs(cfg) | overrides))
+        save_model(model, tokenizer, folder)
+    return run.stage(name, build)
+
+
+def dpo_stage(cfg, run, name, start, reference, rows):
+    """The contrastive update: macpo_loss (DPO + sft_weight x SFT on the positive) on (prompt, positive,
+    negative) rows, continuing from `start`; reference log-probs from the model at `reference`, computed once
+    before training -> checkpoint folder."""
+    def build(folder):
+        model, tokenizer = _load(cfg, start)
+        rendered = [(_render(cfg, turns, tokenizer), pos, neg) for turns, pos, neg in rows]
+        kw = dict(batch_size=cfg.score_batch_size, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        if str(reference) == str(start):
+            ref = reference_logps(model, tokenizer, rendered, **kw)
+        else:
+            reference_model, reference_tokenizer = _load(cfg, reference)
+            ref = reference_logps(reference_model, reference_tokenizer, rendered, **kw)
+            del reference_model
+        with open(folder / "metrics.jsonl", "w") as log:
+            train(model, tokenizer, rendered, kind="dpo", reference=ref, epochs=cfg.dpo_epochs, lr=cfg.dpo_lr,
+                  beta=cfg.beta, sft_weight=cfg.sft_weight, loss_type=cfg.loss_type,
+                  label_smoothing=cfg.label_smoothing, seed=run.seed(name), log_file=log, desc=name,
+                  **_train_kwargs(cfg))
+        save_model(model, tokenizer, folder)
+    return run.stage(name, build)
+
+
+def generate_stage(cfg, run, name, agent, prompts, greedy=False):
+    """One response per prompt from the model at `agent` -> list of strings (saved as generations.jsonl)."""
+    def build(folder):
+        model, tokenizer = _load(cfg, agent)
+        texts = generate(model, tokenizer, [_render(cfg, turns, tokenizer) for turns in prompts],
+                         max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
+                         top_p=cfg.top_p, batch_size=cfg.gen_batch_size, seed=run.seed(name),
+                         max_prompt_length=cfg.max_prompt_length, desc=name)
+        write_jsonl(folder / "generations.jsonl", [{"i": i, "agent": str(agent), "prompt": turns, "response": text}
+                                                   for i, (turns, text) in enumerate(zip(prompts, texts))])
+    return [r["response"] for r in read_jsonl(run.stage(name, build) / "generations.jsonl")]
+
+
+def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, negatives, teacher_names):
+    """Mutual positive behaviour augmentation, student side, and its hard negatives (section 2.1(b), (d)):
+
+        y+_i = argmin_k PPL_student(y_i^k | x_i)   over the K teachers' responses to prompt x_i
+        y-_i = the student's negative twin's response
+    -> [(turns, positive, negative)], saved with every perplexity and who wrote each side."""
+    def build(folder):
+        model, tokenizer = _load(cfg, student)
+        rendered = [_render(cfg, turns, tokenizer) for turns in prompts]
+        ppl = [perplexity(model, tokenizer, rendered, responses, batch_size=cfg.score_batch_size,
+                          max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, progress=True)
+               for responses in teacher_responses]                                    # [K][N]
+        rows = []
+        for i, turns in enumerate(prompts):
+            best = min(range(len(teacher_names)), key=lambda k: ppl[k][i])
+            rows.append({"i": i, "prompt": turns, "chosen": teacher_responses[best][i],
+                         "chosen_by": teacher_names[best], "rejected": negatives[i], "rejected_by": "student_neg",
+                         "perplexities": {n: ppl[k][i] for k, n in enumerate(teacher_names)},
+                         "scored_by": str(student)})
+        write_jsonl(folder / "pairs.jsonl", rows)
+    return [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
+
+
+def teacher_pairs_stage(run, name, prompts, student_responses, negatives, teacher_names):
+    """Mutual positive behaviour augmentation, teacher side (2.1(c)): the student's response is the positive
+    for every teacher (no filter); teacher k's negative is its own negative twin's -> {teacher: rows}."""
+    def build(folder):
+        for n in teacher_names:
+            write_jsonl(folder / f"{n}.jsonl", [{"i": i, "prompt": turns, "chosen": student_responses[i],
+                                                 "chosen_by": "student", "rejected": negatives[n][i],
+                                                 "rejected_by": f"{n}_neg"} for i, turns in enumerate(prompts)])
+    folder = run.stage(name, build)
+    return {n: [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(folder / f"{n}.jsonl")]
+            for n in teacher_names}
+
+
+def evaluate_stage(cfg, run, name, agent, test):
+    """Greedy test generations of one agent, scored by the toy task's gold reward when there is one
+    (real-data scoring with reward models is a separate step) -> mean reward or None."""
+    if not cfg.evaluate or not test:
+        return None
+    prompts = [ex.prompt for ex in test]
+    responses = generate_stage(cfg, run, name, agent, prompts, greedy=cfg.eval_temperature == 0)
+    if cfg.task != "toy":
+        return None
+    import toy
+    return sum(toy.reward(turns, r) for turns, r in zip(prompts, responses)) / len(prompts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The toy task's agents: tiny Llamas built from configs over a tokenizer trained on the task's text, their
+# bases pre-trained on plain-text arithmetic (the strong student several times longer than the teachers).
+
+def toy_bases(cfg, run, task):
+    import toy
+    from transformers import LlamaForCausalLM
+    steps = [int(x) for x in cfg.toy_teacher_pretrain_steps.split(",")[:cfg.K]] + [cfg.toy_student_pretrain_steps]
+    corpus = toy.pretraining_corpus(cfg.seed, max(steps) * cfg.toy_pretrain_batch_size)
+
+    def build_tokenizer(folder):
+        toy.train_tokenizer(toy.tokenizer_texts(task, corpus[:5000])).save_pretrained(folder)
+    tokenizer_dir = run.stage("bases/tokenizer", build_tokenizer)
+
+    def base(name, size, steps):
+        hidden, layers = (int(x) for x in size.split("x"))
+
+        def build(folder):
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            torch.manual_seed(run.seed(name))
+            model = LlamaForCausalLM(toy.model_config(tokenizer, hidden, layers)).to(
+                "cuda" if cfg.device == "cuda" else "cpu")
+            # plain language modelling: empty prompt (just BOS), every token of the line scored, one pass
+            rows = [("", line, None) for line in corpus[:steps * cfg.toy_pretrain_batch_size]]
+            with open(folder / "metrics.jsonl", "w") as log:
+                train(model, tokenizer, rows, kind="sft", epochs=1,
+                      lr=cfg.toy_pretrain_lr, batch_size=cfg.toy_pretrain_batch_size, max_length=cfg.max_length,
+                      warmup_ratio=0.05, seed=run.seed(name), log_every=cfg.log_every, log_file=log, desc=name)
+            save_model(model, tokenizer, folder)
+        return run.stage(f"bases/{name}", build)
+
+    sizes = cfg.toy_teacher_sizes.split(",")
+    teachers = [base(f"teacher{k}", sizes[k], steps[k]) for k in range(cfg.K)]
+    return teachers, base("student", cfg.toy_student_size, steps[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: (init, w2s, test) lists of data.Example.
+
+def load_task(cfg):
+    if cfg.task == "toy":
+        import toy
+        return toy.make_task(cfg.seed, cfg.n_init, cfg.n_w2s, cfg.n_test)
+    if cfg.task == "file":
+        return data.paper_splits(data.read_any(cfg.data_file, order=cfg.pku_order), cfg.n_init, cfg.n_w2s,
+                                 cfg.n_test, cfg.seed)
+    name, subset = ("pku", "Alpaca-7B") if cfg.task == "pku" else ("hh", cfg.task.replace("hh-", "") + "-base")
+    files = {split: data.dataset_file(name, subset, split, cfg.data_dir or None) for split in {cfg.train_split, "test"}}
+    read = (lambda f: data.read_pku(f, cfg.pku_order)) if name == "pku" else data.read_hh
+    if cfg.train_split == "test":
+        return data.paper_splits(read(files["test"]), cfg.n_init, cfg.n_w2s, cfg.n_test, cfg.seed)
+    return data.splits_with_test_file(read(files[cfg.train_split]), read(files["test"]), cfg.n_init, cfg.n_w2s,
+                                      cfg.n_test, cfg.seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Algorithm 1 (paper section 2; ../shared/paper.md sections 2 and 9).
+
+def macpo(cfg):
+    run = Run(cfg)
+    init, w2s, test = load_task(cfg)                           # D_init (gold pairs), Q_w2s, test prompts
+    Q = [ex.prompt for ex in w2s]
+    if cfg.task == "toy":
+        teacher_bases, student_base = toy_bases(cfg, run, (init, w2s, test))
+    else:
+        teacher_bases, student_base = cfg.teachers.split(","), cfg.student
+    names = [f"teacher{k}" for k in range(cfg.K)]
+    w = cfg.weak_label_teacher
+    results = {}
+
+    # 1. Initialise the weak teachers: positive by SFT on gold chosen, negative twin by SFT on gold rejected
+    #    continued from the positive teacher.
+    pos = {n: sft_stage(cfg, run, f"init/{n}", teacher_bases[k], [(e.prompt, e.chosen, None) for e in init],
+                        cfg.teacher_sft_epochs) for k, n in enumerate(names)}
+    neg = {n: sft_stage(cfg, run, f"init/{n}_neg", pos[n], [(e.prompt, e.rejected, None) for e in init],
+                        cfg.neg_sft_epochs) for n in names}
+    # Weak labels, and the strong student: SFT on them (alone, this is the "naive SFT" baseline); its negative
+    # twin: continued SFT on a weak negative twin's generations.
+    weak_labels = generate_stage(cfg, run, "init/weak_labels", pos[names[w]], Q)
+    pos["student"] = sft_stage(cfg, run, "init/student", student_base, list(zip(Q, weak_labels, [None] * len(Q))),
+                               cfg.student_sft_epochs)
+    weak_negatives = generate_stage(cfg, run, "init/weak_negatives", neg[names[w]], Q)
+    neg["student"] = sft_stage(cfg, run, "init/student_neg", pos["student"],
+                               list(zip(Q, weak_negatives, [None] * len(Q))), cfg.neg_sft_epochs)
+    # Hard negative behaviour: each negative twin generates once; the release reuses them every round.
+    negatives = {a: generate_stage(cfg, run, f"init/negatives_{a}", neg[a], Q) for a in ["student"] + names}
+    initial = dict(pos)
+    results["init"] = {a: evaluate_stage(cfg, run, f"eval/init/{a}", pos[a], test) for a in names + ["student"]}
+
+    # 2. Each round t = 1..T
+    for t in range(1, cfg.T + 1):
+        r = f"round{t}"
+        reference = {a: {"previous": pos[a], "init": initial[a],
+                         "base": student_base if a == "student" else teacher_bases[names.index(a)]}[cfg.reference]
+                     for a in pos}
+        # (a) each weak teacher writes one response per weak-to-strong prompt
+        teacher_responses = [generate_stage(cfg, run, f"{r}/generations_{n}", pos[n], Q) for n in names]
+        # (b) + (d) the student's positive: the teacher response it finds most familiar; its own twin's negative
+        student_pairs = select_positives_stage(cfg, run, f"{r}/pairs_student", pos["student"], Q, teacher_responses,
+                                               negatives["student"], names)
+        # (c) the teachers' positive: the student's response, from before (default) or after its update
+        if cfg.student_positive_from == "before":
+            student_responses = generate_stage(cfg, run, f"{r}/generations_student", pos["student"], Q)
+        # (f) contrastive update of the strong student, continuing from its previous round
+        pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"], reference["student"], student_pairs)
+        if cfg.student_positive_from == "after":
+            student_responses = generate_stage(cfg, run, f"{r}/generations_student", pos["student"], Q)
+        teacher_pairs = teacher_pairs_stage(run, f"{r}/pairs_teachers", Q, student_responses, negatives, names)
+        # (f) contrastive update of every weak teacher
+        for n in names:
+            pos[n] = dpo_stage(cfg, run, f"{r}/{n}", pos[n], reference[n], teacher_pairs[n])
+        results[r] = {a: evaluate_stage(cfg, run, f"eval/{r}/{a}", pos[a], test) for a in names + ["student"]}
+
+    # The ceiling: the same strong base trained by SFT on the ground-truth responses of Q_w2s.
+    if cfg.ceiling:
+        ceiling = sft_stage(cfg, run, "ceiling/student", student_base, [(e.prompt, e.chosen, None) for e in w2s],
+                            cfg.student_sft_epochs)
+        results["ceiling"] = {"student": evaluate_stage(cfg, run, "eval/ceiling/student", ceiling, test)}
+    write_json(run.out / "results.json", {"metric": "gold reward" if cfg.task == "toy" else None,
+                                          "results": results, "final": {a: str(p) for a, p in pos.items()}})
+    return results
+
+
+def format_table(results, teachers):
+    """Gold reward per agent (columns) after init, each round and the ceiling (rows), as a Markdown table."""
+    cols = teachers + ["student"]
+    lines = ["| stage | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for stage, row in results.items():
+        lines.append(f"| {stage} | " + " | ".join("-" if row.get(c) is None else f"{row[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    if cfg.device == "auto":
+        cfg.device = default_device()
+    if cfg.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.time()
+    try:
+        results = macpo(cfg)
+    except (data.DataError, ModelLoadError, NonFiniteError) as e:
+        sys.exit(f"error: {e}")
+    print(format_table(results, [f"teacher{k}" for k in range(cfg.K)]))
+    print(f"\n{cfg.out}: results.json, metrics.jsonl, checkpoints and generations per stage "
+          f"({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

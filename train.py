@@ -1,0 +1,175 @@
+"""Loading, saving and the one plain training loop used by every MACPO stage: SFT (initialisation, negative
+twins, toy pre-training) and the contrastive update (DPO + SFT on the positive).
+
+    model, tokenizer = load_model("runs/toy/init/student", device="cpu")
+    train(model, tokenizer, rows, kind="dpo", reference=reference_logps(model, tokenizer, rows, ...), ...)
+"""
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from data import collate, collate_pairs, encode
+from generate import length_sorted_batches, sequence_logps
+from losses import macpo_loss, sft_loss
+
+
+class ModelLoadError(RuntimeError):
+    """A model name or path that cannot be loaded; the message says what to download and where to put it."""
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss or gradient norm: the stage stops, its checkpoint is not written."""
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name_or_path, device="cpu", trust_remote_code=False):
+    """Any causal LM through the Auto classes, from a local folder or the hub. bf16 on CUDA, float32 on CPU
+    (this CPU runs bf16 matrix products 10-100x slower than fp32). Only safetensors / weights-only loading:
+    transformers refuses pickled weights unless asked, and trust_remote_code stays off unless the user says so."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"cannot load model {name_or_path!r}: it is not a local model folder and the Hugging Face hub is not "
+            f"reachable ({type(e).__name__}: {str(e).splitlines()[0][:200]}).\n"
+            f"On a machine with network: `huggingface-cli download {name_or_path} --local-dir models/{name_or_path}`, "
+            f"copy models/{name_or_path} here and pass that folder instead of the name.") from None
+    if tokenizer.pad_token_id is None:          # Llama-style tokenizers have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return model.to(device=device, dtype=dtype), tokenizer
+
+
+def save_model(model, tokenizer, directory):
+    """save_pretrained (safetensors) + tokenizer: loadable by anyone with transformers. The caller writes into
+    a temporary stage folder and renames it when complete, so a kill never leaves a checkpoint that looks done."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _encode_rows(tokenizer, rows, max_length, max_prompt_length):
+    """rows: [(prompt_text, chosen, rejected or None)] -> chosen encodings, rejected encodings (or None)."""
+    chosen = [encode(tokenizer, p, c, max_length, max_prompt_length) for p, c, _ in rows]
+    rejected = None
+    if rows and rows[0][2] is not None:
+        rejected = [encode(tokenizer, p, r, max_length, max_prompt_length) for p, _, r in rows]
+    return chosen, rejected
+
+
+def _pad_id(tokenizer):
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.inference_mode()
+def reference_logps(model, tokenizer, rows, batch_size=32, max_length=1024, max_prompt_length=None):
+    """Summed log-probs of every chosen and rejected response under the reference model: two [N] float32
+    tensors on the CPU. Computed once before the update, so the reference model need not stay in memory."""
+    chosen, rejected = _encode_rows(tokenizer, rows, max_length, max_prompt_length)
+    device = next(model.parameters()).device
+    out = torch.zeros(2, len(rows))
+    for side, encoded in enumerate((chosen, rejected)):
+        for idx in length_sorted_batches([len(ids) for ids, _ in encoded], batch_size):
+            b = collate([encoded[i] for i in idx], _pad_id(tokenizer))
+            logps, _ = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
+            out[side, idx] = logps.float().cpu()
+    return out[0], out[1]
+
+
+def _bucketed_batches(lengths, batch_size, generator, window=16):
+    """Shuffled batches of similar-length rows: shuffle, sort each window of `window` batches by length, cut,
+    then shuffle the batch order. Padding (wasted compute) shrinks while the data order stays random."""
+    perm = torch.randperm(len(lengths), generator=generator).tolist()
+    batches = []
+    for s in range(0, len(perm), batch_size * window):
+        chunk = sorted(perm[s:s + batch_size * window], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, grad_accum=1, max_length=1024,
+          max_prompt_length=None, reference=None, beta=0.1, sft_weight=0.2, loss_type="sigmoid",
+          label_smoothing=0.0, warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0, seed=0, log_every=10,
+          log_file=None, desc="train", progress=True):
+    """Train `model` in place on rows [(prompt_text, chosen, rejected)] and return the list of logged stats.
+
+    kind="sft": minimise sft_loss on `chosen` (rejected unused), the mean over the batch's examples.
+    kind="dpo": minimise macpo_loss (DPO + sft_weight x SFT on chosen); `reference` is the pair of [N] tensors
+        from reference_logps, aligned with rows.
+    AdamW, linear warm-up then cosine decay to 0 (the release: cosine, no warm-up), gradient clipping on.
+    Statistics stay on the device and are read (.item(), a sync) only every `log_every` optimizer steps.
+    """
+    assert kind in ("sft", "dpo")
+    device = next(model.parameters()).device
+    pad_id = _pad_id(tokenizer)
+    chosen, rejected = _encode_rows(tokenizer, rows, max_length, max_prompt_length)
+    if kind == "dpo":
+        assert rejected is not None and reference is not None, "a preference update needs rejected responses and reference log-probs"
+        reference_chosen, reference_rejected = (r.to(device) for r in reference)
+    lengths = [len(c[0]) + (len(rejected[i][0]) if rejected else 0) for i, c in enumerate(chosen)]
+    generator = torch.Generator().manual_seed(seed)
+    batches = [b for _ in range(epochs) for b in _bucketed_batches(lengths, batch_size, generator)]
+    total_steps = max(1, math.ceil(len(batches) / grad_accum))
+    warmup = int(warmup_ratio * total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # lr(step) = lr * step / warmup during warm-up, then lr * (1 + cos(pi * progress)) / 2
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else
+                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup))))
+    model.train()
+    logged, sums, grad_norms, n_logged, tokens, t0 = [], {}, [], 0, 0, time.time()
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False)
+    step = 0
+    for i, idx in enumerate(batches):
+        if kind == "sft":
+            b = collate([chosen[j] for j in idx], pad_id)
+        else:
+            b = collate_pairs([chosen[j] for j in idx], [rejected[j] for j in idx], pad_id)   # [2B, T]
+        logps, n = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
+        tokens += int(b["attention_mask"].sum())
+        if kind == "sft":
+            losses = sft_loss(logps, n)
+            stats = {"sft": losses.detach()}
+        else:
+            B, j = len(idx), torch.tensor(idx, device=device)
+            losses, stats = macpo_loss(logps[:B], logps[B:], reference_chosen[j], reference_rejected[j], n[:B],
+                                       beta=beta, sft_weight=sft_weight, label_smoothing=label_smoothing,
+                                       loss_type=loss_type)
+        (losses.mean() / grad_accum).backward()
+        for k, v in [("loss", losses.detach())] + list(stats.items()):
+            sums[k] = sums.get(k, 0.0) + v.float().mean()
+        n_logged += 1
+        if (i + 1) % grad_accum and i + 1 < len(batches):
+            continue
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        grad_norms.append(grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step == 1 or step % log_every == 0 or step == total_steps:
+            row = {k: float(v) / n_logged for k, v in sums.items()}
+            row["grad_norm"] = float(torch.stack(grad_norms).mean())
+            if not all(math.isfinite(v) for v in row.values()):
+                raise NonFiniteError(f"{desc}: non-finite loss or gradient at optimizer step {step} of {total_steps} "
+                                     f"(batch {i}, rows {idx[:8]}): {row}. The stage is stopped and not saved; "
+                                     f"the previous stage's checkpoint is intact. Try a lower --lr.")
+            row.update(step=step, lr=schedule.get_last_lr()[0], tokens_per_s=tokens / (time.time() - t0))
+            logged.append(row)
+            if log_file is not None:
+                log_file.write(json.dumps({"stage": desc, **row}) + "\n")
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "accuracy", "margin") if k in row}
+                            | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+            sums, grad_norms, n_logged = {}, [], 0
+    bar.close()
+    model.eval()
+    return logged
