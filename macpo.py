@@ -207,6 +207,11 @@ class Run:
         self.collect_metrics()
         return final
 
+    def name(self, path):
+        """A checkpoint's name inside the run ("round1/student"), or the model name/path it was given as."""
+        path = Path(path)
+        return str(path.relative_to(self.out)) if path.is_relative_to(self.out) else str(path)
+
     def seed(self, name):
         return zlib.crc32(f"{self.cfg.seed}/{name}".encode())
 
@@ -300,7 +305,7 @@ def generate_stage(cfg, run, name, agent, prompts, greedy=False):
                          max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
                          top_p=cfg.top_p, batch_size=cfg.gen_batch_size, seed=run.seed(name),
                          max_prompt_length=cfg.max_prompt_length, desc=name)
-        write_jsonl(folder / "generations.jsonl", [{"i": i, "agent": str(agent), "prompt": turns, "response": text}
+        write_jsonl(folder / "generations.jsonl", [{"i": i, "agent": run.name(agent), "prompt": turns, "response": text}
                                                    for i, (turns, text) in enumerate(zip(prompts, texts))])
     return [r["response"] for r in read_jsonl(run.stage(name, build) / "generations.jsonl")]
 
@@ -323,7 +328,7 @@ def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, 
             rows.append({"i": i, "prompt": turns, "chosen": teacher_responses[best][i],
                          "chosen_by": teacher_names[best], "rejected": negatives[i], "rejected_by": "student_neg",
                          "perplexities": {n: ppl[k][i] for k, n in enumerate(teacher_names)},
-                         "scored_by": str(student)})
+                         "scored_by": run.name(student)})
         write_jsonl(folder / "pairs.jsonl", rows)
     return [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
 
@@ -474,7 +479,7 @@ def macpo(cfg):
                             cfg.student_sft_epochs)
         results["ceiling"] = {"student": evaluate_stage(cfg, run, "eval/ceiling/student", ceiling, test)}
     write_json(run.out / "results.json", {"metric": "gold reward" if cfg.task == "toy" else None,
-                                          "results": results, "final": {a: str(p) for a, p in pos.items()}})
+                                          "results": results, "final": {a: run.name(p) for a, p in pos.items()}})
     return results
 
 

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# macpo's one entry point. Creates .venv from requirements.txt on first use, then runs a preset.
+#
+#   bash run.sh toy        # MAIN JOB: the built-in offline toy task, K = 3 weak teachers, T = 3 rounds, CPU
+#   bash run.sh test       # the test suite (CPU, offline)
+#   bash run.sh smoke      # the toy task at the smallest size that runs every stage (seconds)
+#   bash run.sh hh         # HH-Helpful with real models (GPU + hub, or local folders)
+#   bash run.sh harmless   # HH-Harmless
+#   bash run.sh pku        # PKU-SafeRLHF
+#   bash run.sh paper      # the paper's models (3 x 7-8B weak teachers, Llama-2-70b student)
+#
+# Extra arguments pass through as flags and override the preset's (python macpo.py --help lists them all), e.g.
+#   bash run.sh hh --student models/Qwen2.5-1.5B --data_dir ../shared/data/hh-rlhf --train_split test
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# Real-data presets: openly downloadable base models that fit one GPU (80 GB) with full fine-tuning and
+# different tokenizers, standing in for the paper's Llama2-7b / Mistral-7b / Llama3-8b and Llama2-70b.
+HH_TEACHERS="HuggingFaceTB/SmolLM2-360M,Qwen/Qwen2.5-0.5B,EleutherAI/pythia-410m"
+HH_STUDENT="Qwen/Qwen2.5-1.5B"
+PAPER_TEACHERS="meta-llama/Llama-2-7b-hf,mistralai/Mistral-7B-v0.1,meta-llama/Meta-Llama-3-8B"
+PAPER_STUDENT="meta-llama/Llama-2-70b-hf"
+
+# --- environment: .venv from requirements.txt, rebuilt when requirements.txt changes
+if [ ! -f .venv/.requirements ] || ! cmp -s requirements.txt .venv/.requirements; then
+  echo "setting up .venv from requirements.txt ..."
+  rm -rf .venv
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+  cp requirements.txt .venv/.requirements
+fi
+PY=.venv/bin/python
+
+preset="${1:-toy}"
+[ $# -gt 0 ] && shift
+# the real-data presets share these: the release's template and lengths, full fine-tuning at rates suited to it
+# (the release's 5e-5 / 1e-5 are LoRA rates)
+REAL="--max_length 1024 --max_prompt_length 512 --max_new_tokens 256 --batch_size 4 --grad_accum 4
+      --sft_lr 1e-5 --dpo_lr 1e-6 --temperature 0.7 --top_p 0.9 --gen_batch_size 32 --score_batch_size 16"
+case "$preset" in
+  toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, about 10 minutes on 2 cores
+    exec $PY macpo.py --out runs/toy --task toy --n_teachers 3 --n_init 1500 --n_w2s 1500 --n_test 400 \
+      --template vicuna --system "" --max_length 64 --max_prompt_length 32 --max_new_tokens 16 \
+      --batch_size 64 --score_batch_size 256 --gen_batch_size 256 \
+      --sft_lr 2e-3 --dpo_lr 2e-4 --warmup_ratio 0.05 --temperature 1.0 --top_p 1.0 "$@" ;;
+  smoke)     # the same pipeline at the smallest size that still runs every stage
+    exec $PY macpo.py --out runs/smoke --task toy --n_teachers 3 --n_init 64 --n_w2s 64 --n_test 32 \
+      --toy_teacher_sizes 32x1,32x1,32x1 --toy_student_size 32x1 --toy_teacher_pretrain_steps 5,5,5 \
+      --toy_student_pretrain_steps 10 --toy_pretrain_batch_size 16 --template vicuna --system "" \
+      --max_length 64 --max_prompt_length 32 --max_new_tokens 12 --batch_size 16 --teacher_sft_epochs 1 \
+      --student_sft_epochs 1 --sft_lr 2e-3 --dpo_lr 2e-4 "$@" ;;
+  hh)
+    exec $PY macpo.py --out runs/hh --task hh-helpful --teachers "$HH_TEACHERS" --student "$HH_STUDENT" \
+      --n_init 5000 --n_w2s 5000 --n_test 2000 --template vicuna $REAL "$@" ;;
+  harmless)
+    exec $PY macpo.py --out runs/harmless --task hh-harmless --teachers "$HH_TEACHERS" --student "$HH_STUDENT" \
+      --n_init 5000 --n_w2s 5000 --n_test 2000 --template vicuna $REAL "$@" ;;
+  pku)
+    exec $PY macpo.py --out runs/pku --task pku --teachers "$HH_TEACHERS" --student "$HH_STUDENT" \
+      --n_init 5000 --n_w2s 5000 --n_test 1000 --template alpaca $REAL "$@" ;;
+  paper)     # the paper's agents; a 70B student needs several GPUs and LoRA (see the README)
+    exec $PY macpo.py --out runs/paper --task hh-helpful --teachers "$PAPER_TEACHERS" --student "$PAPER_STUDENT" \
+      --n_init 5000 --n_w2s 5000 --n_test 2000 --template vicuna $REAL "$@" ;;
+  test)
+    exec $PY -m pytest tests -q "$@" ;;
+  *)
+    echo "unknown preset '$preset': choose toy, smoke, hh, harmless, pku, paper or test" >&2
+    exit 2 ;;
+esac

@@ -1,0 +1,161 @@
+"""End to end: the whole MACPO pipeline on the toy task at a very small size, resume after a kill, and the
+algorithm's choices recomputed independently."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import macpo
+
+ROOT = Path(__file__).resolve().parents[1]
+# the smoke preset's sizes (run.sh smoke): every stage runs, on tiny models, in well under a minute
+SMOKE = ["--task", "toy", "--n_teachers", "3", "--n_init", "48", "--n_w2s", "32", "--n_test", "16",
+         "--toy_teacher_sizes", "32x1,32x1,32x1", "--toy_student_size", "32x1",
+         "--toy_teacher_pretrain_steps", "4,4,4", "--toy_student_pretrain_steps", "8", "--toy_pretrain_batch_size", "16",
+         "--system", "", "--max_length", "64", "--max_prompt_length", "32", "--max_new_tokens", "10",
+         "--batch_size", "16", "--teacher_sft_epochs", "1", "--student_sft_epochs", "1", "--sft_lr", "2e-3",
+         "--dpo_lr", "2e-4", "--log_every", "1", "--device", "cpu"]
+ROUNDS = ["round1", "round2", "round3"]
+AGENTS = ["teacher0", "teacher1", "teacher2", "student"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    macpo.main(SMOKE + ["--out", str(out)])
+    return out
+
+
+def expected_stages():
+    names = ["bases/tokenizer"] + [f"bases/{a}" for a in AGENTS]
+    names += [f"init/teacher{k}{s}" for k in range(3) for s in ("", "_neg")]
+    names += ["init/weak_labels", "init/student", "init/weak_negatives", "init/student_neg"]
+    names += [f"init/negatives_{a}" for a in AGENTS] + [f"eval/init/{a}" for a in AGENTS]
+    for r in ROUNDS:
+        names += [f"{r}/generations_{a}" for a in AGENTS] + [f"{r}/pairs_student", f"{r}/pairs_teachers"]
+        names += [f"{r}/{a}" for a in AGENTS] + [f"eval/{r}/{a}" for a in AGENTS]
+    return names + ["ceiling/student", "eval/ceiling/student"]
+
+
+def test_every_stage_ran_and_wrote_its_files(run_dir):
+    for name in expected_stages():
+        assert (run_dir / name / "DONE").exists(), name
+    assert not list(run_dir.rglob("*.partial")) and not list(run_dir.rglob("*.tmp"))
+    for r in ["init"] + ROUNDS:
+        for a in AGENTS:
+            # checkpoints anyone can load: save_pretrained with safetensors
+            ckpt = run_dir / ("init" if r == "init" else r) / a
+            assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
+    results = json.loads((run_dir / "results.json").read_text())["results"]
+    assert list(results) == ["init"] + ROUNDS + ["ceiling"]
+    assert all(0.0 <= v <= 1.0 for row in results.values() for v in row.values())
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["n_w2s"] == 32 and config["out"] == str(run_dir)
+    n_pairs = [len((run_dir / r / "pairs_teachers" / f"teacher{k}.jsonl").read_text().splitlines())
+               for r in ROUNDS for k in range(3)]
+    assert n_pairs == [32] * 9
+
+
+def test_losses_finite_and_first_dpo_step_is_ln2(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(math.isfinite(r["loss"]) for r in rows)
+    for a in AGENTS:
+        first = next(r for r in rows if r["stage"] == f"round1/{a}")
+        assert first["step"] == 1
+        # the reference is the policy at the round's start (--reference previous): DPO loss = ln 2 exactly
+        assert first["dpo"] == pytest.approx(math.log(2), abs=1e-4), a
+        assert first["loss"] == pytest.approx(first["dpo"] + 0.2 * first["sft"], abs=1e-4)
+
+
+def hand_perplexity(model, tokenizer, prompt, response):
+    """Independent of generate.perplexity: one unpadded sequence, full log_softmax, mean NLL of the response."""
+    p = tokenizer(prompt)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([p + r])).logits[0].double(), -1)
+    nll = -sum(logp[len(p) + j - 1, tok].item() for j, tok in enumerate(r))
+    return math.exp(nll / len(r))
+
+
+def test_selected_positive_is_the_argmin_perplexity_teacher_response(run_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    for r in ("round1", "round2"):
+        rows = [json.loads(line) for line in (run_dir / r / "pairs_student" / "pairs.jsonl").read_text().splitlines()]
+        scorer = run_dir / rows[0]["scored_by"]
+        assert rows[0]["scored_by"] == ("init/student" if r == "round1" else "round1/student")
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(scorer).eval(), AutoTokenizer.from_pretrained(scorer)
+        teacher = {k: [json.loads(line)["response"] for line in
+                       (run_dir / r / f"generations_teacher{k}" / "generations.jsonl").read_text().splitlines()]
+                   for k in range(3)}
+        negatives = [json.loads(line)["response"] for line in
+                     (run_dir / "init" / "negatives_student" / "generations.jsonl").read_text().splitlines()]
+        for row in rows[:12]:
+            prompt = f"USER: {row['prompt'][-1]['content']} ASSISTANT:"
+            ppl = {f"teacher{k}": hand_perplexity(model, tokenizer, prompt, teacher[k][row["i"]]) for k in range(3)}
+            for k, v in ppl.items():
+                assert row["perplexities"][k] == pytest.approx(v, rel=1e-4)
+            best = min(ppl, key=ppl.get)
+            if sorted(ppl.values())[1] - ppl[best] > 1e-6 * ppl[best]:       # skip exact ties
+                assert row["chosen_by"] == best
+            assert row["chosen"] == teacher[int(row["chosen_by"][-1])][row["i"]]
+            assert row["rejected"] == negatives[row["i"]]          # the hard negative, reused every round
+
+
+def test_teachers_positive_is_the_students_response(run_dir):
+    student = [json.loads(line)["response"] for line in
+               (run_dir / "round2" / "generations_student" / "generations.jsonl").read_text().splitlines()]
+    for k in range(3):
+        rows = [json.loads(line) for line in
+                (run_dir / "round2" / "pairs_teachers" / f"teacher{k}.jsonl").read_text().splitlines()]
+        own_negatives = [json.loads(line)["response"] for line in
+                         (run_dir / "init" / f"negatives_teacher{k}" / "generations.jsonl").read_text().splitlines()]
+        assert [r["chosen"] for r in rows] == student
+        assert [r["rejected"] for r in rows] == own_negatives
+
+
+def snapshot(out):
+    """Everything a run produced that must not depend on how it was run: results, pairs, generations, weights."""
+    files = {}
+    for f in sorted(out.rglob("*")):
+        if f.is_file() and f.suffix in (".json", ".jsonl", ".safetensors") and f.name not in ("config.json",) \
+                and "metrics" not in f.name:
+            files[str(f.relative_to(out))] = f.read_bytes()
+    return files
+
+
+def test_second_invocation_is_a_no_op(run_dir):
+    before = {str(f): f.stat().st_mtime_ns for f in run_dir.rglob("DONE")}
+    results = (run_dir / "results.json").read_text()
+    macpo.main(SMOKE + ["--out", str(run_dir)])
+    assert {str(f): f.stat().st_mtime_ns for f in run_dir.rglob("DONE")} == before
+    assert (run_dir / "results.json").read_text() == results
+
+
+def test_changed_flags_on_an_existing_run_are_refused(run_dir):
+    with pytest.raises(SystemExit, match="different configuration.*beta"):
+        macpo.main(SMOKE + ["--out", str(run_dir), "--beta", "0.5"])
+
+
+def test_killed_run_resumes_to_identical_results(run_dir, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "macpo.py")] + SMOKE + ["--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "round1" / "pairs_student" / "DONE"         # kill in the middle of round 1
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists()
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a, b = snapshot(run_dir), snapshot(out)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
