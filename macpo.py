@@ -46,6 +46,7 @@ class Config:
     task: str = "toy"                   # toy | hh-helpful | hh-harmless | pku | file
     data_dir: str = ""                  # local dataset folder (hh: {subset}/{split}.jsonl.gz; pku: {split}.jsonl)
     data_file: str = ""                 # task=file: your own JSONL (prompt/chosen/rejected) or LLaMA-Factory JSON
+    cache_dir: str = str(data.DEFAULT_CACHE_DIR)   # where hh / pku files are downloaded when not in --data_dir
     train_split: str = "train"          # split the init and weak-to-strong prompts come from; "test" splits the
                                         # test file three ways (offline runs on ../shared/data)
     pku_order: str = "safer"            # PKU-SafeRLHF pair order: safer (default) or better (more helpful)
@@ -407,7 +408,14 @@ def load_task(cfg):
         return data.paper_splits(data.read_any(cfg.data_file, order=cfg.pku_order), cfg.n_init, cfg.n_w2s,
                                  cfg.n_test, cfg.seed)
     name, subset = ("pku", "Alpaca-7B") if cfg.task == "pku" else ("hh", cfg.task.replace("hh-", "") + "-base")
-    files = {split: data.dataset_file(name, subset, split, cfg.data_dir or None) for split in {cfg.train_split, "test"}}
+    files, missing = {}, []
+    for split in dict.fromkeys([cfg.train_split, "test"]):        # every file the run needs, named at once
+        try:
+            files[split] = data.dataset_file(name, subset, split, cfg.data_dir or None, cfg.cache_dir)
+        except data.DataError as e:
+            missing.append(str(e))
+    if missing:
+        raise data.DataError("\n".join(missing))
     read = (lambda f: data.read_pku(f, cfg.pku_order)) if name == "pku" else data.read_hh
     if cfg.train_split == "test":
         return data.paper_splits(read(files["test"]), cfg.n_init, cfg.n_w2s, cfg.n_test, cfg.seed)
