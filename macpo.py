@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import data
+import lora
 from generate import generate, perplexity
 from train import ModelLoadError, NonFiniteError, default_device, load_model, reference_logps, save_model, train
 
@@ -101,6 +102,13 @@ class Config:
     toy_student_pretrain_steps: int = 1500           # pre-training steps of the strong student
     toy_pretrain_lr: float = 2e-3
     toy_pretrain_batch_size: int = 64
+    # LoRA (lora.py, hand-written): the release trains rank-8 adapters on q_proj and v_proj, alpha 16
+    lora: str = "none"                  # agents that train adapters instead of all weights: none | all | student | teachers
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,v_proj"     # module names (the last part) to wrap
+    merge_lora: bool = False            # also write each LoRA checkpoint merged into its base, as STAGE/merged
     # evaluation
     evaluate: bool = True               # generate on the test prompts after init and each round (toy: gold reward)
     ceiling: bool = True                # also train the strong student by SFT on ground truth (the ceiling)
@@ -134,7 +142,8 @@ def validate(cfg):
     p = []
     choices = {"task": ("toy", "hh-helpful", "hh-harmless", "pku", "file"), "template": data.TEMPLATES,
                "reference": ("previous", "init", "base"), "student_positive_from": ("before", "after"),
-               "loss_type": ("sigmoid", "ipo"), "pku_order": ("safer", "better")}
+               "loss_type": ("sigmoid", "ipo"), "pku_order": ("safer", "better"),
+               "lora": ("none", "all", "student", "teachers")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             p.append(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
@@ -171,7 +180,7 @@ def validate(cfg):
 
 class Run:
     def __init__(self, cfg):
-        self.cfg, self.out, self.order = cfg, Path(cfg.out), []
+        self.cfg, self.out, self.order = cfg, Path(cfg.out).resolve(), []
         self.out.mkdir(parents=True, exist_ok=True)
         # One process per run folder: flock is released by the kernel when the process dies, so a crash never
         # leaves a stale lock behind.
@@ -263,15 +272,36 @@ def _train_kwargs(cfg):
                 log_every=cfg.log_every)
 
 
-def sft_stage(cfg, run, name, start, rows, epochs, lr=None, **overrides):
+def _uses_lora(cfg, name):
+    """Does the agent trained in stage `name` ("init/teacher0_neg", "round2/student", ...) train adapters?"""
+    agent = name.split("/")[-1]
+    return cfg.lora == "all" or (cfg.lora != "none" and agent.startswith(cfg.lora.rstrip("s")))
+
+
+def _load_trainable(cfg, name, start):
+    """The model at `start`, ready to train in stage `name`: adapters added when the agent uses LoRA and the
+    checkpoint has none yet (a LoRA agent's later stages continue its adapters, as the release does)."""
+    model, tokenizer = _load(cfg, start)
+    if _uses_lora(cfg, name) and not lora.lora_modules(model):
+        lora.add_lora(model, tuple(cfg.lora_targets.split(",")), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    return model, tokenizer
+
+
+def _save(cfg, model, tokenizer, folder):
+    save_model(model, tokenizer, folder)
+    if cfg.merge_lora and lora.lora_modules(model):
+        save_model(lora.merge_adapters(model), tokenizer, folder / "merged")
+
+
+def sft_stage(cfg, run, name, start, rows, epochs):
     """Supervised fine-tuning of the model at `start` on rows' chosen responses -> checkpoint folder."""
     def build(folder):
-        model, tokenizer = _load(cfg, start)
+        model, tokenizer = _load_trainable(cfg, name, start)
         rendered = [(_render(cfg, turns, tokenizer), chosen, None) for turns, chosen, _ in rows]
         with open(folder / "metrics.jsonl", "w") as log:
-            train(model, tokenizer, rendered, kind="sft", epochs=epochs, lr=lr or cfg.sft_lr, seed=run.seed(name),
-                  log_file=log, desc=name, **(_train_kwargs(cfg) | overrides))
-        save_model(model, tokenizer, folder)
+            train(model, tokenizer, rendered, kind="sft", epochs=epochs, lr=cfg.sft_lr, seed=run.seed(name),
+                  log_file=log, desc=name, **_train_kwargs(cfg))
+        _save(cfg, model, tokenizer, folder)
     return run.stage(name, build)
 
 
@@ -280,11 +310,14 @@ def dpo_stage(cfg, run, name, start, reference, rows):
     negative) rows, continuing from `start`; reference log-probs from the model at `reference`, computed once
     before training -> checkpoint folder."""
     def build(folder):
-        model, tokenizer = _load(cfg, start)
+        model, tokenizer = _load_trainable(cfg, name, start)
         rendered = [(_render(cfg, turns, tokenizer), pos, neg) for turns, pos, neg in rows]
         kw = dict(batch_size=cfg.score_batch_size, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
         if str(reference) == str(start):
             ref = reference_logps(model, tokenizer, rendered, **kw)
+        elif lora.lora_modules(model) and str(reference) == model.name_or_path:
+            with lora.adapters_disabled(model):         # the release's reference: the base, adapters off
+                ref = reference_logps(model, tokenizer, rendered, **kw)
         else:
             reference_model, reference_tokenizer = _load(cfg, reference)
             ref = reference_logps(reference_model, reference_tokenizer, rendered, **kw)
@@ -294,7 +327,7 @@ def dpo_stage(cfg, run, name, start, reference, rows):
                   beta=cfg.beta, sft_weight=cfg.sft_weight, loss_type=cfg.loss_type,
                   label_smoothing=cfg.label_smoothing, seed=run.seed(name), log_file=log, desc=name,
                   **_train_kwargs(cfg))
-        save_model(model, tokenizer, folder)
+        _save(cfg, model, tokenizer, folder)
     return run.stage(name, build)
 
 

@@ -6,11 +6,13 @@ twins, toy pre-training) and the contrastive update (DPO + SFT on the positive).
 """
 import json
 import math
-import os
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+import lora
 
 from data import collate, collate_pairs, encode
 from generate import length_sorted_batches, sequence_logps
@@ -34,6 +36,12 @@ def load_model(name_or_path, device="cpu", trust_remote_code=False):
     (this CPU runs bf16 matrix products 10-100x slower than fp32). Only safetensors / weights-only loading:
     transformers refuses pickled weights unless asked, and trust_remote_code stays off unless the user says so."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    adapter_config = Path(name_or_path) / lora.CONFIG_NAME
+    if adapter_config.is_file():
+        # a LoRA checkpoint: its base model, then the adapters on top (a few MB instead of a whole model)
+        model, tokenizer = load_model(json.loads(adapter_config.read_text())["base_model"], device, trust_remote_code)
+        lora.load_adapters(model, name_or_path)
+        return model, tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -50,9 +58,14 @@ def load_model(name_or_path, device="cpu", trust_remote_code=False):
 
 
 def save_model(model, tokenizer, directory):
-    """save_pretrained (safetensors) + tokenizer: loadable by anyone with transformers. The caller writes into
-    a temporary stage folder and renames it when complete, so a kill never leaves a checkpoint that looks done."""
-    model.save_pretrained(directory)
+    """save_pretrained (safetensors) + tokenizer: loadable by anyone with transformers; a model with LoRA
+    adapters saves only them, with its base's name or path (load_model puts the two back together). The caller
+    writes into a temporary stage folder and renames it when complete, so a kill never leaves a checkpoint that
+    looks done."""
+    if lora.lora_modules(model):
+        lora.save_adapters(model, directory, {"base_model": model.name_or_path})
+    else:
+        model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 

@@ -159,3 +159,29 @@ def test_killed_run_resumes_to_identical_results(run_dir, tmp_path):
     a, b = snapshot(run_dir), snapshot(out)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_lora_run_trains_only_adapters_and_merges(tmp_path):
+    """--lora all: every stage saves adapters only (the base is untouched), the DPO reference is the base with
+    adapters off, and a merged checkpoint differs from its base exactly in the wrapped q_proj / v_proj weights."""
+    from safetensors.torch import load_file
+    out = tmp_path / "lora"
+    macpo.main(SMOKE + ["--out", str(out), "--n_teachers", "1", "--lora", "all", "--reference", "base",
+                        "--merge_lora", "--no-ceiling"])
+    for stage in ("init/teacher0", "init/teacher0_neg", "init/student", "round1/student", "round1/teacher0"):
+        assert (out / stage / "adapter_model.safetensors").exists() and not (out / stage / "model.safetensors").exists()
+    base = load_file(out / "bases" / "student" / "model.safetensors")
+    merged = load_file(out / "round1" / "student" / "merged" / "model.safetensors")
+    assert base.keys() == merged.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+    # the merged plain checkpoint equals base + adapters, loaded back through train.load_model
+    from transformers import AutoModelForCausalLM
+    from train import load_model
+    adapted, tokenizer = load_model(str(out / "round1" / "student"))
+    plain = AutoModelForCausalLM.from_pretrained(out / "round1" / "student" / "merged").eval()
+    ids = torch.tensor([tokenizer("USER: What is 123 + 456? ASSISTANT:")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(adapted.eval()(ids).logits, plain(ids).logits, atol=1e-5)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows)
