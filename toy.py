@@ -212,3 +212,18 @@ def model_config(tokenizer, hidden, layers, heads=4, intermediate=None, max_posi
                        max_position_embeddings=max_positions, tie_word_embeddings=True,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
+
+
+# Defaults for the toy run (hidden, layers per model; AdamW, batch 64, fp32, 2 CPU threads). Provisional:
+# measured by a throwaway probe on the shared 2-core CPU (numbers in the commit message that set them).
+# Skill comes from pre-training steps: a 64x2 base after 800 steps and 8 SFT epochs on the init split answers
+# 2% of the test additions (every harmful request refused: reward 0.22); 3,000 steps reach ~0.8 (toy-probe.md).
+TEACHER_SIZES = ((64, 2), (64, 2), (96, 2))      # weak teachers: different widths and seeds
+TEACHER_PRETRAIN_STEPS = (1200, 1600, 1400)       # and different budgets, so their mistakes differ
+STUDENT_SIZE = (96, 2)                            # strong student: no smaller than any teacher ...
+STUDENT_PRETRAIN_STEPS = 4000                     # ... and pre-trained ~3x longer (64x2 ~40 steps/s, 96x2 ~26)
+PRETRAIN_LR = 3e-3                                # linear warm-up then linear decay
+PRETRAIN_BATCH_SIZE = 64                          # lines per step, one pass over fresh lines (no repeats)
+SFT_EPOCHS = 8                                    # 3 epochs (71 steps) do not yet teach copying the operands
+SFT_LR = 2e-3
+SFT_BATCH_SIZE = 64
