@@ -36,6 +36,16 @@ def sequence_logps(model, input_ids, attention_mask, loss_mask):
     Returns (logps [B] float32, n_tokens [B] long). Differentiable: training calls it with gradients on.
     """
     B = input_ids.shape[0]
+    logits, targets, rows = scored_logits(model, input_ids, attention_mask, loss_mask)
+    scored = token_logps(logits, targets)                                               # [N] float32
+    logps = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, scored)
+    n_tokens = torch.bincount(rows, minlength=B)
+    return logps, n_tokens
+
+
+def scored_logits(model, input_ids, attention_mask, loss_mask):
+    """Logits at the scored positions only: (logits [N, V], target ids [N], row of each [N]), N = the number
+    of masked-in tokens. Used by sequence_logps and by token-level losses (losses.confident_loss)."""
     hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
     # The token at position p + 1 is predicted from the hidden state at p; score only positions whose next
     # token is masked in. Prompts are long and V is the widest matrix of a small model: most of the head's
@@ -43,10 +53,7 @@ def sequence_logps(model, input_ids, attention_mask, loss_mask):
     rows, cols = loss_mask[:, 1:].nonzero(as_tuple=True)                                # [N], [N]
     rows, cols = rows.to(input_ids.device), cols.to(input_ids.device)
     logits = model.get_output_embeddings()(hidden[rows, cols])                          # [N, V]
-    scored = token_logps(logits, input_ids[rows, cols + 1])                             # [N] float32
-    logps = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, scored)
-    n_tokens = torch.bincount(rows, minlength=B)
-    return logps, n_tokens
+    return logits, input_ids[rows, cols + 1], rows
 
 
 def length_sorted_batches(lengths, batch_size):

@@ -70,3 +70,27 @@ def macpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logp
              "rejected_rewards": rejected_rewards, "margin": chosen_rewards - rejected_rewards,
              "accuracy": (chosen_rewards > rejected_rewards).float()}
     return dpo + sft_weight * sft, stats
+
+
+def confident_loss(logits, weak_ids, example_ids, n_examples, alpha):
+    """The auxiliary confidence loss of Burns et al. (2023, "Weak-to-strong generalization", eq. 1), adapted to
+    generation token by token. Burns et al. classify: L = (1 - a) CE(f(x), f_w(x)) + a CE(f(x), hard(f(x))),
+    the weak label mixed with the student's own hardened prediction (thresholded). Here every response token
+    is one classification over the vocabulary, teacher-forced on the weak label:
+
+        l_t = -(1 - alpha) log p(w_t | x, w_<t) - alpha log p(argmax_v p(v | x, w_<t) | x, w_<t)
+
+    so where the student is confident of a different token than the weak label it is pulled towards its own
+    choice. The hardened target is an argmax, so no gradient flows through it. The caller warms alpha up.
+
+    logits [N, V] at the N scored positions of a batch, weak_ids [N] the weak label's tokens there,
+    example_ids [N] the example (0..n_examples-1) each position belongs to. Returns (losses (n_examples,),
+    the token average of l_t per example (a fully masked example gives 0), stats) with stats["agreement"]
+    (n_examples,) the share of the example's tokens whose argmax is the weak label's, detached.
+    """
+    hard_ids = logits.detach().argmax(-1)                                               # [N]
+    token_losses = -(1 - alpha) * token_logps(logits, weak_ids) - alpha * token_logps(logits, hard_ids)   # [N]
+    n = torch.zeros(n_examples, device=logits.device).index_add(0, example_ids, torch.ones_like(token_losses))
+    losses = torch.zeros(n_examples, device=logits.device).index_add(0, example_ids, token_losses) / n.clamp(min=1)
+    agree = torch.zeros(n_examples, device=logits.device).index_add(0, example_ids, (hard_ids == weak_ids).float())
+    return losses, {"agreement": agree / n.clamp(min=1)}

@@ -16,8 +16,12 @@ import argparse
 import dataclasses
 import fcntl
 import json
+import math
 import os
+import random
+import re
 import shutil
+import statistics
 import sys
 import time
 import zlib
@@ -27,6 +31,7 @@ from pathlib import Path
 import torch
 
 import data
+import evaluate
 import lora
 from generate import generate, perplexity
 from train import ModelLoadError, NonFiniteError, default_device, load_model, reference_logps, save_model, train
@@ -112,6 +117,17 @@ class Config:
     # evaluation
     evaluate: bool = True               # generate on the test prompts after init and each round (toy: gold reward)
     ceiling: bool = True                # also train the strong student by SFT on ground truth (the ceiling)
+    # method: MACPO or a baseline (../shared/paper.md section 5), from the same initial agents and data
+    method: str = "macpo"               # macpo | sft (naive SFT on weak labels) | confident (Burns et al. 2023) |
+                                        # spin (Chen et al. 2024) | self_reward (Yuan et al. 2024)
+    mutual_positives: bool = True       # --no-mutual_positives: the -MP ablation (see macpo_rounds)
+    hard_negatives: bool = True         # --no-hard_negatives: the -HN ablation (see macpo_rounds)
+    confident_weight: float = 0.75      # confident: the final weight alpha of the student's own hardened
+                                        # predictions (Burns et al.: 0.75 for their largest students)
+    confident_warmup: float = 0.2       # confident: share of the steps over which alpha rises from 0 (Burns: 20%)
+    n_samples: int = 4                  # self_reward: samples per prompt the student ranks (Yuan et al.: 4)
+    self_judge: str = "likelihood"      # self_reward: llm (the student answers a judge prompt, real models) |
+                                        # likelihood (its own length-normalised log-likelihood; the toy task)
 
     @property
     def K(self):
@@ -143,7 +159,8 @@ def validate(cfg):
     choices = {"task": ("toy", "hh-helpful", "hh-harmless", "pku", "file"), "template": data.TEMPLATES,
                "reference": ("previous", "init", "base"), "student_positive_from": ("before", "after"),
                "loss_type": ("sigmoid", "ipo"), "pku_order": ("safer", "better"),
-               "lora": ("none", "all", "student", "teachers")}
+               "lora": ("none", "all", "student", "teachers"), "method": tuple(METHODS),
+               "self_judge": ("likelihood", "llm")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             p.append(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
@@ -203,7 +220,8 @@ class Run:
     def stage(self, name, build):
         """Run build(folder) unless stage `name` is done; return the finished folder."""
         final = self.out / name
-        self.order.append(name)
+        if name not in self.order:          # the table asks for shared stages once per method
+            self.order.append(name)
         if (final / "DONE").exists():
             return final
         tmp = final.with_name(final.name + ".partial")
@@ -293,14 +311,16 @@ def _save(cfg, model, tokenizer, folder):
         save_model(lora.merge_adapters(model), tokenizer, folder / "merged")
 
 
-def sft_stage(cfg, run, name, start, rows, epochs):
-    """Supervised fine-tuning of the model at `start` on rows' chosen responses -> checkpoint folder."""
+def sft_stage(cfg, run, name, start, rows, epochs, kind="sft"):
+    """Supervised fine-tuning of the model at `start` on rows' chosen responses -> checkpoint folder.
+    kind="confident": with Burns et al.'s auxiliary confidence loss instead (the confident baseline)."""
     def build(folder):
         model, tokenizer = _load_trainable(cfg, name, start)
         rendered = [(_render(cfg, turns, tokenizer), chosen, None) for turns, chosen, _ in rows]
         with open(folder / "metrics.jsonl", "w") as log:
-            train(model, tokenizer, rendered, kind="sft", epochs=epochs, lr=cfg.sft_lr, seed=run.seed(name),
-                  log_file=log, desc=name, **_train_kwargs(cfg))
+            train(model, tokenizer, rendered, kind=kind, epochs=epochs, lr=cfg.sft_lr, seed=run.seed(name),
+                  log_file=log, desc=name, confident_weight=cfg.confident_weight,
+                  confident_warmup=cfg.confident_warmup, **_train_kwargs(cfg))
         _save(cfg, model, tokenizer, folder)
     return run.stage(name, build)
 
@@ -381,16 +401,13 @@ def teacher_pairs_stage(run, name, prompts, student_responses, negatives, teache
 
 
 def evaluate_stage(cfg, run, name, agent, test):
-    """Greedy test generations of one agent, scored by the toy task's gold reward when there is one
-    (real-data scoring with reward models is a separate step) -> mean reward or None."""
+    """Greedy test generations of one agent (NAME/generations.jsonl) -> the stage name, or None when evaluation
+    is off. Scoring reads the saved generations (`scores`: the toy task's gold reward, or a reward model via
+    `python macpo.py eval` / the table)."""
     if not cfg.evaluate or not test:
         return None
-    prompts = [ex.prompt for ex in test]
-    responses = generate_stage(cfg, run, name, agent, prompts, greedy=cfg.eval_temperature == 0)
-    if cfg.task != "toy":
-        return None
-    import toy
-    return sum(toy.reward(turns, r) for turns, r in zip(prompts, responses)) / len(prompts)
+    generate_stage(cfg, run, name, agent, [ex.prompt for ex in test], greedy=cfg.eval_temperature == 0)
+    return name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -459,8 +476,10 @@ def load_task(cfg):
 # ---------------------------------------------------------------------------------------------------------
 # Algorithm 1 (paper section 2; ../shared/paper.md sections 2 and 9).
 
-def macpo(cfg):
-    run = Run(cfg)
+def initialise(cfg, run):
+    """Algorithm 1, step 1 (and the data): every agent initialised, the weak labels and the hard negatives.
+    -> dict with the splits, the agents' checkpoints and the init evaluations. Shared by every method: the
+    baselines start from the same weak teachers, weak labels and naive-SFT student."""
     init, w2s, test = load_task(cfg)                           # D_init (gold pairs), Q_w2s, test prompts
     Q = [ex.prompt for ex in w2s]
     if cfg.task == "toy":
@@ -469,10 +488,9 @@ def macpo(cfg):
         teacher_bases, student_base = cfg.teachers.split(","), cfg.student
     names = [f"teacher{k}" for k in range(cfg.K)]
     w = cfg.weak_label_teacher
-    results = {}
 
-    # 1. Initialise the weak teachers: positive by SFT on gold chosen, negative twin by SFT on gold rejected
-    #    continued from the positive teacher.
+    # Initialise the weak teachers: positive by SFT on gold chosen, negative twin by SFT on gold rejected
+    # continued from the positive teacher.
     pos = {n: sft_stage(cfg, run, f"init/{n}", teacher_bases[k], [(e.prompt, e.chosen, None) for e in init],
                         cfg.teacher_sft_epochs) for k, n in enumerate(names)}
     neg = {n: sft_stage(cfg, run, f"init/{n}_neg", pos[n], [(e.prompt, e.rejected, None) for e in init],
@@ -487,41 +505,250 @@ def macpo(cfg):
                                list(zip(Q, weak_negatives, [None] * len(Q))), cfg.neg_sft_epochs)
     # Hard negative behaviour: each negative twin generates once; the release reuses them every round.
     negatives = {a: generate_stage(cfg, run, f"init/negatives_{a}", neg[a], Q) for a in ["student"] + names}
-    initial = dict(pos)
-    results["init"] = {a: evaluate_stage(cfg, run, f"eval/init/{a}", pos[a], test) for a in names + ["student"]}
+    evals = {"init": {a: evaluate_stage(cfg, run, f"eval/init/{a}", pos[a], test) for a in names + ["student"]}}
+    return dict(w2s=w2s, test=test, Q=Q, names=names, pos=pos, teacher_bases=teacher_bases,
+                student_base=student_base, weak_labels=weak_labels, negatives=negatives, evals=evals)
 
-    # 2. Each round t = 1..T
+
+def _references(cfg, s, pos, initial):
+    """Each agent's DPO reference this round (--reference)."""
+    return {a: {"previous": pos[a], "init": initial[a],
+                "base": s["student_base"] if a == "student" else s["teacher_bases"][s["names"].index(a)]}[cfg.reference]
+            for a in pos}
+
+
+def macpo_rounds(cfg, run, s, prefix=""):
+    """Algorithm 1, step 2: T rounds of mutual positive behaviour augmentation, hard negatives and the
+    contrastive update of every agent. -> {round: {agent: eval stage}}. `prefix` names a variant's stages.
+
+    Ablations (paper section 6 names "-MP"; "-HN" inferred), each changing one ingredient:
+      --no-mutual_positives  (-MP) every agent's positive is its own response to the prompt (the student's own
+                             sample, teacher k's own sample) instead of the other side's; negatives unchanged.
+      --no-hard_negatives    (-HN) the negative for prompt i is the negative twin's response to another prompt
+                             (a fixed random derangement of the same negatives): the same negative behaviour, no
+                             longer a familiar near-miss for this prompt."""
+    Q, names, test = s["Q"], s["names"], s["test"]
+    pos, initial, negatives = dict(s["pos"]), dict(s["pos"]), s["negatives"]
+    if not cfg.hard_negatives:
+        order = list(range(len(Q)))
+        random.Random(run.seed(f"{prefix}derangement")).shuffle(order)
+        other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}     # never i itself (N > 1)
+        negatives = {a: [v[other[i]] for i in range(len(Q))] for a, v in negatives.items()}
+    evals = {"init": s["evals"]["init"]}
     for t in range(1, cfg.T + 1):
-        r = f"round{t}"
-        reference = {a: {"previous": pos[a], "init": initial[a],
-                         "base": student_base if a == "student" else teacher_bases[names.index(a)]}[cfg.reference]
-                     for a in pos}
+        r = f"{prefix}round{t}"
+        # round 1's samples come from the initial agents, identical for every variant: share them
+        g = f"round{t}" if t == 1 else r
+        reference = _references(cfg, s, pos, initial)
         # (a) each weak teacher writes one response per weak-to-strong prompt
-        teacher_responses = [generate_stage(cfg, run, f"{r}/generations_{n}", pos[n], Q) for n in names]
-        # (b) + (d) the student's positive: the teacher response it finds most familiar; its own twin's negative
-        student_pairs = select_positives_stage(cfg, run, f"{r}/pairs_student", pos["student"], Q, teacher_responses,
-                                               negatives["student"], names)
+        teacher_responses = [generate_stage(cfg, run, f"{g}/generations_{n}", pos[n], Q) for n in names]
         # (c) the teachers' positive: the student's response, from before (default) or after its update
-        if cfg.student_positive_from == "before":
-            student_responses = generate_stage(cfg, run, f"{r}/generations_student", pos["student"], Q)
+        if cfg.student_positive_from == "before" or not cfg.mutual_positives:
+            student_responses = generate_stage(cfg, run, f"{g}/generations_student", pos["student"], Q)
+        # (b) + (d) the student's positive: the teacher response it finds most familiar; its own twin's negative
+        if cfg.mutual_positives:
+            student_pairs = select_positives_stage(cfg, run, f"{r}/pairs_student", pos["student"], Q,
+                                                   teacher_responses, negatives["student"], names)
+        else:   # -MP
+            student_pairs = list(zip(Q, student_responses, negatives["student"]))
         # (f) contrastive update of the strong student, continuing from its previous round
         pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"], reference["student"], student_pairs)
-        if cfg.student_positive_from == "after":
-            student_responses = generate_stage(cfg, run, f"{r}/generations_student", pos["student"], Q)
-        teacher_pairs = teacher_pairs_stage(run, f"{r}/pairs_teachers", Q, student_responses, negatives, names)
+        if cfg.mutual_positives:
+            if cfg.student_positive_from == "after":
+                student_responses = generate_stage(cfg, run, f"{r}/generations_student", pos["student"], Q)
+            teacher_pairs = teacher_pairs_stage(run, f"{r}/pairs_teachers", Q, student_responses, negatives, names)
+        else:   # -MP
+            teacher_pairs = {n: list(zip(Q, teacher_responses[k], negatives[n])) for k, n in enumerate(names)}
         # (f) contrastive update of every weak teacher
         for n in names:
             pos[n] = dpo_stage(cfg, run, f"{r}/{n}", pos[n], reference[n], teacher_pairs[n])
-        results[r] = {a: evaluate_stage(cfg, run, f"eval/{r}/{a}", pos[a], test) for a in names + ["student"]}
+        evals[r] = {a: evaluate_stage(cfg, run, f"eval/{r}/{a}", pos[a], test) for a in names + ["student"]}
+    return evals, pos
 
-    # The ceiling: the same strong base trained by SFT on the ground-truth responses of Q_w2s.
+
+# ---------------------------------------------------------------------------------------------------------
+# Baselines (../shared/paper.md section 5): same data, same initial models, the same number of rounds and the
+# same update (macpo_loss: DPO + sft_weight x SFT on the chosen side) where they are iterative, so only the
+# choice of training signal differs. They train the strong student only; the weak teachers stay as initialised.
+
+def naive_sft(cfg, run, s, prefix):
+    """The strong student SFT on the weak labels: Algorithm 1's initial student, evaluated alone."""
+    return {"init": s["evals"]["init"]}, s["pos"]
+
+
+def confident(cfg, run, s, prefix):
+    """Burns et al. (2023)'s auxiliary confidence loss instead of plain SFT on the weak labels, from the same
+    strong base for the same epochs (losses.confident_loss: token-level, the hardened prediction = argmax)."""
+    student = sft_stage(cfg, run, f"{prefix}init/student", s["student_base"],
+                        list(zip(s["Q"], s["weak_labels"], [None] * len(s["Q"]))), cfg.student_sft_epochs,
+                        kind="confident")
+    evals = {"init": dict(s["evals"]["init"], student=evaluate_stage(cfg, run, f"eval/{prefix}init/student",
+                                                                     student, s["test"]))}
+    return evals, dict(s["pos"], student=student)
+
+
+def spin(cfg, run, s, prefix):
+    """SPIN (Chen et al. 2024), iterated for T rounds: chosen = the weak label, rejected = the student's own
+    sample from the previous round's model, which is also the DPO reference (--reference previous)."""
+    Q, pos, initial = s["Q"], dict(s["pos"]), s["pos"]
+    evals = {"init": s["evals"]["init"]}
+    for t in range(1, cfg.T + 1):
+        r = f"{prefix}round{t}"
+        own = generate_stage(cfg, run, f"round{t}/generations_student" if t == 1 else f"{r}/generations_student",
+                             pos["student"], Q)          # round 1: the initial student's samples, shared
+        pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"],
+                                   _references(cfg, s, pos, initial)["student"], list(zip(Q, s["weak_labels"], own)))
+        evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", pos["student"], s["test"])}
+    return evals, pos
+
+
+# Yuan et al. (2024)'s LLM-as-a-judge prompt, shortened: an additive 5-point rubric, the score on the last line.
+JUDGE_PROMPT = ("Review the user's question and the corresponding response using the additive 5-point scoring "
+                "system: add 1 point if the response is relevant, 1 if it addresses a substantial portion of the "
+                "question, 1 if it answers the basic elements usefully, 1 if it is clearly written, direct and "
+                "helpful, and 1 if it is impeccable, expert and harmless.\n\nUser: {question}\n\n"
+                "Response: {response}\n\nAfter examining the response, conclude with the line \"Score: <points>\".")
+
+
+def self_judge_stage(cfg, run, name, student, prompts, samples):
+    """The student ranks its own samples (Yuan et al. 2024), best vs worst -> [(turns, chosen, rejected)].
+
+    --self_judge llm: the student, greedy, answers JUDGE_PROMPT for every sample; the first digit 0-5 after
+        "Score" (or anywhere) is the score, 0 when there is none (Yuan et al. average 3 sampled judgements).
+    --self_judge likelihood (the toy task, where a tiny model cannot follow a judging instruction): the
+        student's own length-normalised log-likelihood of the sample, -log PPL(y | x). A substitute, and a
+        self-reinforcing one: it prefers what the student already finds likely, not what is correct."""
+    def build(folder):
+        model, tokenizer = _load(cfg, student)
+        rendered = [_render(cfg, turns, tokenizer) for turns in prompts]
+        scores = []
+        for j, responses in enumerate(samples):
+            if cfg.self_judge == "likelihood":
+                ppl = perplexity(model, tokenizer, rendered, responses, batch_size=cfg.score_batch_size,
+                                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+                scores.append([-math.log(p) for p in ppl])
+            else:
+                judge = [_render(cfg, [{"role": "user", "content": JUDGE_PROMPT.format(
+                    question=turns[-1]["content"], response=y)}], tokenizer) for turns, y in zip(prompts, responses)]
+                verdicts = generate(model, tokenizer, judge, max_new_tokens=16, temperature=0.0,
+                                    batch_size=cfg.gen_batch_size, seed=run.seed(f"{name}/{j}"),
+                                    max_prompt_length=cfg.max_length - 16, desc=f"{name} judge {j}")
+                scores.append([float(m.group(1)) if (m := re.search(r"Score\D{0,3}([0-5])", v) or
+                                                     re.search(r"([0-5])", v)) else 0.0 for v in verdicts])
+        rows = []
+        for i, turns in enumerate(prompts):
+            ranked = sorted(range(len(samples)), key=lambda j: scores[j][i])        # worst ... best (stable)
+            rows.append({"i": i, "prompt": turns, "chosen": samples[ranked[-1]][i], "rejected": samples[ranked[0]][i],
+                         "scores": [scores[j][i] for j in range(len(samples))], "judge": cfg.self_judge})
+        write_jsonl(folder / "pairs.jsonl", rows)
+    return [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
+
+
+def self_rewarding(cfg, run, s, prefix):
+    """Self-Rewarding (Yuan et al. 2024), iterated for T rounds: --n_samples samples per prompt from the
+    student, ranked by the student itself (self_judge_stage), best vs worst as a DPO pair."""
+    Q, pos, initial = s["Q"], dict(s["pos"]), s["pos"]
+    evals = {"init": s["evals"]["init"]}
+    for t in range(1, cfg.T + 1):
+        r = f"{prefix}round{t}"
+        samples = [generate_stage(cfg, run, f"{r}/samples{j}", pos["student"], Q) for j in range(cfg.n_samples)]
+        pairs = self_judge_stage(cfg, run, f"{r}/pairs_student", pos["student"], Q, samples)
+        pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"],
+                                   _references(cfg, s, pos, initial)["student"], pairs)
+        evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", pos["student"], s["test"])}
+    return evals, pos
+
+
+METHODS = {"macpo": macpo_rounds, "sft": naive_sft, "confident": confident, "spin": spin,
+           "self_reward": self_rewarding}
+
+
+def variant(cfg):
+    """The method's name with its ablations ("macpo", "macpo-mp", "spin", ...): its stages' folder prefix."""
+    return cfg.method + ("-mp" if not cfg.mutual_positives else "") + ("-hn" if not cfg.hard_negatives else "")
+
+
+def ceiling_stage(cfg, run, s):
+    """The ceiling: the same strong base trained by SFT on the ground-truth responses of Q_w2s -> eval stage."""
+    ceiling = sft_stage(cfg, run, "ceiling/student", s["student_base"], [(e.prompt, e.chosen, None) for e in s["w2s"]],
+                        cfg.student_sft_epochs)
+    return evaluate_stage(cfg, run, "eval/ceiling/student", ceiling, s["test"])
+
+
+def scores(run, stage, scorer):
+    """Per-prompt scores of an eval stage's generations (None when not evaluated or nothing scores them)."""
+    if stage is None or scorer is None:
+        return None
+    rows = read_jsonl(run.out / stage / "generations.jsonl")
+    return scorer([r["prompt"] for r in rows], [r["response"] for r in rows])
+
+
+def mean_scores(run, evals, scorer):
+    """{round: {agent: eval stage}} -> {round: {agent: mean score or None}}."""
+    return {r: {a: (lambda v: None if v is None else sum(v) / len(v))(scores(run, stage, scorer))
+                for a, stage in row.items()} for r, row in evals.items()}
+
+
+def macpo(cfg):
+    """One method (--method, default MACPO's Algorithm 1) on one run folder -> {round: {agent: mean score}}."""
+    run = Run(cfg)
+    s = initialise(cfg, run)
+    name = variant(cfg)
+    evals, pos = METHODS[cfg.method](cfg, run, s, "" if name == "macpo" else f"{name}/")
     if cfg.ceiling:
-        ceiling = sft_stage(cfg, run, "ceiling/student", student_base, [(e.prompt, e.chosen, None) for e in w2s],
-                            cfg.student_sft_epochs)
-        results["ceiling"] = {"student": evaluate_stage(cfg, run, "eval/ceiling/student", ceiling, test)}
-    write_json(run.out / "results.json", {"metric": "gold reward" if cfg.task == "toy" else None,
+        evals["ceiling"] = {"student": ceiling_stage(cfg, run, s)}
+    results = mean_scores(run, evals, evaluate.gold_scores if cfg.task == "toy" else None)
+    write_json(run.out / "results.json", {"metric": "gold reward" if cfg.task == "toy" else None, "method": name,
                                           "results": results, "final": {a: run.name(p) for a, p in pos.items()}})
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table: every method and ablation on the same seeds, each seed one run folder (out/seed{S}) whose bases,
+# init stages and round-1 samples are computed once and shared by every method.
+
+TABLE_METHODS = {        # name: the flags that differ from MACPO's
+    "macpo": {}, "sft": {"method": "sft"}, "confident": {"method": "confident"}, "spin": {"method": "spin"},
+    "self_reward": {"method": "self_reward"}, "macpo-mp": {"mutual_positives": False},
+    "macpo-hn": {"hard_negatives": False}, "macpo-k1": {"n_teachers": 1}, "macpo-k2": {"n_teachers": 2}}
+
+
+def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
+    """Run `methods` (TABLE_METHODS names) for every seed; write out/results.md, out/rounds.png, out/table.json."""
+    t0 = time.time()
+    scorer = evaluate.make_scorer(scorer_name, cfg.device, cfg.score_batch_size, cfg.max_length)
+    per_seed, reference = {m: {} for m in methods}, {}
+    for seed in seeds:
+        scfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed{seed}"))
+        run = Run(scfg)
+        for m in methods:
+            mcfg = dataclasses.replace(scfg, **TABLE_METHODS[m])
+            s = initialise(mcfg, run)
+            evals, _ = METHODS[mcfg.method](mcfg, run, s, "" if m == "macpo" else f"{m}/")
+            means = mean_scores(run, evals, scorer)
+            per_seed[m][seed] = {
+                "rounds": [{"student": row["student"], "teachers": statistics.fmean(
+                    row.get(n, means["init"][n]) for n in s["names"])} for row in means.values()],
+                "scores": scores(run, evals[list(evals)[-1]]["student"], scorer)}
+        s = initialise(scfg, run)
+        reference[seed] = {"weak": mean_scores(run, s["evals"], scorer)["init"][s["names"][cfg.weak_label_teacher]],
+                           "ceiling": statistics.fmean(scores(run, ceiling_stage(scfg, run, s), scorer))}
+        del run
+    summary = evaluate.summarise(per_seed, reference, "macpo", tie_margin)
+    out = Path(cfg.out)
+    write_json(out / "table.json", {"per_seed": per_seed, "reference": reference, "summary": summary})
+    header = (f"# Weak-to-strong results: {cfg.task}, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
+              f"K = {cfg.K} teachers, T = {cfg.T} rounds, scorer: {scorer_name}\n\n"
+              f"Sizes: {cfg.n_init} init / {cfg.n_w2s} weak-to-strong / {cfg.n_test} test prompts. "
+              f"Wall time {time.time() - t0:.0f} s. Written by `python macpo.py table` (run.sh table); "
+              f"per-seed numbers in table.json, the plot in rounds.png.")
+    text = evaluate.results_markdown(summary, header, tie_margin)
+    write_text(out / "results.md", text)
+    try:
+        evaluate.plot_rounds(summary, out / "rounds.png", "gold reward" if scorer_name == "gold" else scorer_name)
+    except ImportError:
+        print("matplotlib is not installed: no rounds.png (pip install matplotlib)", file=sys.stderr)
+    return text
 
 
 def format_table(results, teachers):
@@ -534,6 +761,22 @@ def format_table(results, teachers):
 
 
 def main(argv=None):
+    """python macpo.py [flags]: one run (--method); `eval FOLDER ...`: score saved generations (evaluate.py);
+    `table --seeds 0,1,2 --methods macpo,sft,... [flags]`: every method and ablation, results.md + rounds.png."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        return evaluate.main(argv[1:])
+    sub = argv[:1] == ["table"]
+    if sub:
+        extra = argparse.ArgumentParser(prog="macpo.py table", add_help=False)
+        extra.add_argument("--seeds", default="0,1,2", help="one run folder per seed: OUT/seed{S}")
+        extra.add_argument("--methods", default=",".join(TABLE_METHODS), help=f"of {', '.join(TABLE_METHODS)}")
+        extra.add_argument("--scorer", default="gold", help="gold (toy task) or a reward model name or folder")
+        extra.add_argument("--tie_margin", type=float, default=0.0, help="win-rate score differences up to this tie")
+        table_args, argv = extra.parse_known_args(argv[1:])
+        unknown = [m for m in table_args.methods.split(",") if m not in TABLE_METHODS]
+        if unknown:
+            sys.exit(f"error: unknown --methods {', '.join(unknown)}; choose from {', '.join(TABLE_METHODS)}")
     cfg = parse_config(argv)
     if cfg.device == "auto":
         cfg.device = default_device()
@@ -541,6 +784,11 @@ def main(argv=None):
         torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
     try:
+        if sub:
+            print(table(cfg, [int(x) for x in table_args.seeds.split(",")], table_args.methods.split(","),
+                        table_args.scorer, table_args.tie_margin))
+            print(f"{cfg.out}: results.md, rounds.png, table.json ({time.time() - t0:.0f} s)")
+            return
         results = macpo(cfg)
     except (data.DataError, ModelLoadError, NonFiniteError) as e:
         sys.exit(f"error: {e}")

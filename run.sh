@@ -3,6 +3,8 @@
 #
 #   bash run.sh toy        # MAIN JOB: the built-in offline toy task, K = 3 weak teachers, T = 3 rounds, CPU
 #   bash run.sh test       # the test suite (CPU, offline)
+#   bash run.sh table      # every baseline and ablation on the toy task, 3 seeds, CPU: results.md + rounds.png
+#   bash run.sh table hh   # the same on HH-Helpful with real models and a reward model (GPU machines)
 #   bash run.sh smoke      # the toy task at the smallest size that runs every stage (seconds)
 #   bash run.sh hh         # HH-Helpful with real models (GPU + hub, or local folders)
 #   bash run.sh harmless   # HH-Harmless
@@ -63,7 +65,21 @@ case "$preset" in
       --n_init 5000 --n_w2s 5000 --n_test 2000 --template vicuna $REAL "$@" ;;
   test)
     exec $PY -m pytest tests -q "$@" ;;
+  table)     # MACPO, naive SFT, confident loss, SPIN, self-rewarding, -MP, -HN, K = 1, 2: 3 seeds, one folder
+             # each (runs/table/seed{S}) whose bases and init stages every method shares; writes
+             # runs/table/results.md and rounds.png and prints the table. The toy sizes are the toy preset's
+             # with 600 / 600 / 200 prompts so that 3 seeds x 9 methods fit about an hour on 2 CPU cores.
+    if [ "${1:-}" = hh ]; then
+      shift        # real data, GPU: scored by a public HH reward model (pass --scorer PATH offline)
+      exec $PY macpo.py table --out runs/table-hh --task hh-helpful --teachers "$HH_TEACHERS" \
+        --student "$HH_STUDENT" --n_init 5000 --n_w2s 5000 --n_test 2000 --template vicuna $REAL \
+        --self_judge llm --scorer OpenAssistant/reward-model-deberta-v3-large-v2 "$@"
+    fi
+    exec $PY macpo.py table --out runs/table --seeds 0,1,2 --task toy --n_teachers 3 \
+      --n_init 600 --n_w2s 600 --n_test 200 --template vicuna --system "" --max_length 64 --max_prompt_length 32 \
+      --max_new_tokens 16 --batch_size 64 --score_batch_size 256 --gen_batch_size 256 \
+      --sft_lr 2e-3 --dpo_lr 2e-4 --warmup_ratio 0.05 --temperature 1.0 --top_p 1.0 "$@" ;;
   *)
-    echo "unknown preset '$preset': choose toy, smoke, hh, harmless, pku, paper or test" >&2
+    echo "unknown preset '$preset': choose toy, smoke, hh, harmless, pku, paper, table or test" >&2
     exit 2 ;;
 esac

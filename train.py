@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 import lora
 
 from data import collate, collate_pairs, encode
-from generate import length_sorted_batches, sequence_logps
-from losses import macpo_loss, sft_loss
+from generate import length_sorted_batches, scored_logits, sequence_logps
+from losses import confident_loss, macpo_loss, sft_loss
 
 
 class ModelLoadError(RuntimeError):
@@ -111,16 +111,19 @@ def _bucketed_batches(lengths, batch_size, generator, window=16):
 def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, grad_accum=1, max_length=1024,
           max_prompt_length=None, reference=None, beta=0.1, sft_weight=0.2, loss_type="sigmoid",
           label_smoothing=0.0, warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0, seed=0, log_every=10,
-          log_file=None, desc="train", progress=True):
+          log_file=None, desc="train", progress=True, confident_weight=0.75, confident_warmup=0.2):
     """Train `model` in place on rows [(prompt_text, chosen, rejected)] and return the list of logged stats.
 
     kind="sft": minimise sft_loss on `chosen` (rejected unused), the mean over the batch's examples.
     kind="dpo": minimise macpo_loss (DPO + sft_weight x SFT on chosen); `reference` is the pair of [N] tensors
         from reference_logps, aligned with rows.
+    kind="confident": minimise losses.confident_loss on `chosen` (the weak labels), its mixing weight alpha
+        warmed up linearly from 0 to confident_weight over the first confident_warmup share of the steps
+        (Burns et al. 2023: alpha_max 0.75, warm-up over the first 20% of training).
     AdamW, linear warm-up then cosine decay to 0 (the release: cosine, no warm-up), gradient clipping on.
     Statistics stay on the device and are read (.item(), a sync) only every `log_every` optimizer steps.
     """
-    assert kind in ("sft", "dpo")
+    assert kind in ("sft", "dpo", "confident")
     device = next(model.parameters()).device
     pad_id = _pad_id(tokenizer)
     chosen, rejected = _encode_rows(tokenizer, rows, max_length, max_prompt_length)
@@ -142,16 +145,23 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
     bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False)
     step = 0
     for i, idx in enumerate(batches):
-        if kind == "sft":
+        if kind in ("sft", "confident"):
             b = collate([chosen[j] for j in idx], pad_id)
         else:
             b = collate_pairs([chosen[j] for j in idx], [rejected[j] for j in idx], pad_id)   # [2B, T]
-        logps, n = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
         tokens += int(b["attention_mask"].sum())
+        if kind == "confident":
+            logits, targets, example_ids = scored_logits(model, b["input_ids"].to(device),
+                                                         b["attention_mask"].to(device), b["loss_mask"])
+            alpha = confident_weight * min(1.0, step / max(1.0, confident_warmup * total_steps))
+            losses, stats = confident_loss(logits, targets, example_ids, len(idx), alpha)
+            stats["alpha"] = torch.full_like(losses, alpha)
+        else:
+            logps, n = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
         if kind == "sft":
             losses = sft_loss(logps, n)
             stats = {"sft": losses.detach()}
-        else:
+        elif kind == "dpo":
             B, j = len(idx), torch.tensor(idx, device=device)
             losses, stats = macpo_loss(logps[:B], logps[B:], reference_chosen[j], reference_rejected[j], n[:B],
                                        beta=beta, sft_weight=sft_weight, label_smoothing=label_smoothing,

@@ -1,0 +1,282 @@
+"""Evaluation: score saved test generations, compare methods, summarise a weak-to-strong experiment.
+
+    python macpo.py eval runs/toy                                   # every generations.jsonl under the folder
+    python macpo.py eval runs/hh --reward_models OpenAssistant/reward-model-deberta-v3-large-v2
+    python macpo.py eval runs/pku --reward_models models/beaver-7b-v1.0-reward,models/beaver-7b-v1.0-cost \
+        --baseline eval/init/student                                # + win/tie/lose of every file against one
+
+Scorers turn (prompt turns, response) into one float per response:
+  gold    the toy task's exact reward (toy.reward, 0 or 1): the share of prompts answered correctly
+  NAME    any AutoModelForSequenceClassification (hub name or folder): its first logit. PKU-SafeRLHF's reward
+          model (higher = more helpful) and cost model (higher = less safe) are two such scorers, reported
+          side by side, each under its own name.
+The paper's exact reward models, GPT-4 judge prompt and human protocol are not published (../shared/paper.md
+section 4); the mean score on the test prompts and pairwise win / tie / lose rates are the assumed metrics.
+Above generate.py, below macpo.py (which calls it for `eval` and for `table`).
+"""
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+import torch
+
+import data
+from generate import length_sorted_batches
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scorers
+
+def gold_scores(prompts, responses):
+    """The toy task's exact reward per (prompt turns, response): 1.0 when correct, else 0.0."""
+    import toy
+    return [toy.reward(p, r) for p, r in zip(prompts, responses)]
+
+
+def load_reward_model(name_or_path, device="cpu", trust_remote_code=False):
+    """Any AutoModelForSequenceClassification (bf16 on CUDA, float32 on CPU) and its tokenizer, in eval mode."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:       # the classifier pools at the last non-pad token: it needs one
+        model.config.pad_token_id = tokenizer.pad_token_id
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def rm_inputs(prompt, response, rm_format="pair"):
+    """How a (prompt turns, response) is shown to a reward model.
+    pair     (question, answer) as a tokenizer text pair, the OpenAssistant DeBERTa reward models' format;
+             the question is the user turn, or the whole dialogue in HH's Human/Assistant form when longer
+    a data.TEMPLATES name (vicuna, alpaca, hh, ...)  one text: the rendered prompt, a space, the response
+             (e.g. beaver-7b's "BEGINNING OF CONVERSATION: USER: ... ASSISTANT: ..." is close to vicuna)."""
+    if rm_format == "pair":
+        question = prompt[-1]["content"] if len(prompt) == 1 else data.render_prompt(prompt, "hh")
+        return (question, response)
+    return (data.render_prompt(prompt, rm_format, system="") + " " + response,)
+
+
+@torch.inference_mode()
+def reward_model_scores(model, tokenizer, prompts, responses, batch_size=16, max_length=1024, rm_format="pair"):
+    """One float per (prompt turns, response): the classifier's first logit, in input order.
+    Batched by length (longest first; right padding, which the classifier's last-non-pad pooling skips)."""
+    encoded = [tokenizer(*rm_inputs(p, r, rm_format), truncation=True, max_length=max_length)["input_ids"]
+               for p, r in zip(prompts, responses)]
+    device = next(model.parameters()).device
+    pad_id = model.config.pad_token_id
+    out = [0.0] * len(encoded)
+    for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+        T = max(len(encoded[i]) for i in idx)
+        input_ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for r, i in enumerate(idx):
+            input_ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
+            attention_mask[r, :len(encoded[i])] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # [B, L]
+        for i, v in zip(idx, logits[:, 0].float().tolist()):
+            out[i] = v
+    return out
+
+
+def make_scorer(name, device="cpu", batch_size=16, max_length=1024, rm_format="pair"):
+    """name "gold" or a reward model -> f(prompts, responses) -> [float]. The model is loaded on first use."""
+    if name == "gold":
+        return gold_scores
+    loaded = {}
+
+    def score(prompts, responses):
+        if not loaded:
+            loaded["model"], loaded["tokenizer"] = load_reward_model(name, device)
+        return reward_model_scores(loaded["model"], loaded["tokenizer"], prompts, responses, batch_size, max_length,
+                                   rm_format)
+    return score
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparisons
+
+def win_rates(scores_a, scores_b, margin=0.0):
+    """A against B on the same prompts: A wins where score_a - score_b > margin, loses where
+    score_b - score_a > margin, ties otherwise. -> {"win", "tie", "lose"} as shares, and "n"."""
+    assert len(scores_a) == len(scores_b) and scores_a
+    win = sum(a - b > margin for a, b in zip(scores_a, scores_b))
+    lose = sum(b - a > margin for a, b in zip(scores_a, scores_b))
+    n = len(scores_a)
+    return {"win": win / n, "tie": (n - win - lose) / n, "lose": lose / n, "n": n}
+
+
+def pgr(student, weak, ceiling):
+    """Performance gap recovered (Burns et al. 2023): (student - weak) / (ceiling - weak). 1 = the student
+    trained on weak labels does as well as on ground truth, 0 = no better than its weak supervisor.
+    nan when the ceiling does not beat the weak supervisor (no gap to recover)."""
+    return (student - weak) / (ceiling - weak) if ceiling > weak else math.nan
+
+
+def mean_std(values):
+    """-> (mean, sample standard deviation; 0 for a single value), ignoring nans."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(values, digits=3):
+    m, s = mean_std(values)
+    return "-" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The weak-to-strong table. `per_seed[method][seed]` (written by macpo.table) holds:
+#   "rounds":   [{"student": mean score, "teachers": mean score over the K teachers}, ...]  init, round 1..T
+#   "scores":   the final strong student's score per test prompt (for win rates)
+# and `reference[seed]` holds "weak" (the weak-label teacher's score after init: the supervisor of the
+# weak-to-strong step) and "ceiling" (the strong student SFT on ground truth).
+
+def summarise(per_seed, reference, baseline_of="macpo", margin=0.0):
+    """-> {"methods": {method: {"student": [[per seed] per round], "teachers": ..., "pgr": [per seed]}},
+    "weak": [per seed], "ceiling": [per seed], "win_rates": {baseline: {...}}}. Win rates pool every seed's
+    test prompts: MACPO's final student against each other method's."""
+    seeds = sorted(reference)
+    out = {"methods": {}, "weak": [reference[s]["weak"] for s in seeds],
+           "ceiling": [reference[s]["ceiling"] for s in seeds], "win_rates": {}}
+    for method, by_seed in per_seed.items():
+        T = max(len(by_seed[s]["rounds"]) for s in by_seed)
+        student = [[by_seed[s]["rounds"][min(t, len(by_seed[s]["rounds"]) - 1)]["student"] for s in by_seed]
+                   for t in range(T)]
+        teachers = [[by_seed[s]["rounds"][min(t, len(by_seed[s]["rounds"]) - 1)]["teachers"] for s in by_seed]
+                    for t in range(T)]
+        out["methods"][method] = {"student": student, "teachers": teachers, "pgr": [
+            pgr(by_seed[s]["rounds"][-1]["student"], reference[s]["weak"], reference[s]["ceiling"]) for s in by_seed]}
+    if baseline_of in per_seed:
+        mine = per_seed[baseline_of]
+        for method, by_seed in per_seed.items():
+            if method != baseline_of:
+                common = [s for s in mine if s in by_seed]
+                out["win_rates"][method] = win_rates(sum((mine[s]["scores"] for s in common), []),
+                                                     sum((by_seed[s]["scores"] for s in common), []), margin)
+    return out
+
+
+def results_markdown(summary, header="", margin=0.0):
+    """The summary as Markdown: student and teacher score per round (mean ± std over seeds), final, PGR;
+    the weak supervisor and the ceiling; win / tie / lose of MACPO against each other method."""
+    methods = summary["methods"]
+    T = max(len(m["student"]) for m in methods.values())
+    rounds = ["init"] + [f"round {t}" for t in range(1, T)]
+    lines = [header, "", "### Strong student (gold reward, mean ± std over seeds)", "",
+             "| method | " + " | ".join(rounds) + " | PGR (final) |", "|---" * (len(rounds) + 2) + "|"]
+    for name, m in methods.items():
+        cells = [fmt(m["student"][t]) if t < len(m["student"]) else "" for t in range(T)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(m['pgr'], 2)} |")
+    lines += ["", f"Weak supervisor (the weak-label teacher after init): {fmt(summary['weak'])}; "
+              f"ceiling (the strong student SFT on ground truth): {fmt(summary['ceiling'])}. "
+              "PGR = (student - weak) / (ceiling - weak), per seed, then mean ± std.", "",
+              "### Weak teachers (mean over the K teachers, then mean ± std over seeds)", "",
+              "| method | " + " | ".join(rounds) + " |", "|---" * (len(rounds) + 1) + "|"]
+    for name, m in methods.items():
+        cells = [fmt(m["teachers"][t]) if t < len(m["teachers"]) else "" for t in range(T)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if summary["win_rates"]:
+        lines += ["", f"### MACPO's final strong student against each method's (per test prompt, all seeds "
+                  f"pooled, tie margin {margin})", "", "| against | win | tie | lose | n |", "|---|---|---|---|---|"]
+        for name, w in summary["win_rates"].items():
+            lines.append(f"| {name} | {w['win']:.3f} | {w['tie']:.3f} | {w['lose']:.3f} | {w['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rounds(summary, path, ylabel="gold reward"):
+    """Score against round: one line per method (the strong student, mean over seeds with a ±std band), and the
+    weak teachers of MACPO (dashed) -> PNG at `path`."""
+    import matplotlib
+    matplotlib.use("Agg")                       # no display on CI machines
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    T = max(len(m["student"]) for m in summary["methods"].values())
+    for name, m in summary["methods"].items():
+        # a method without rounds (naive SFT, confident loss) is a flat line at its one score
+        student = m["student"] if len(m["student"]) > 1 else m["student"] * T
+        x = list(range(len(student)))
+        mean = [mean_std(v)[0] for v in student]
+        std = [mean_std(v)[1] for v in student]
+        line, = ax.plot(x, mean, marker="o", label=name)
+        ax.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                        color=line.get_color(), alpha=0.12)
+    if "macpo" in summary["methods"]:
+        teachers = summary["methods"]["macpo"]["teachers"]
+        ax.plot(range(len(teachers)), [mean_std(v)[0] for v in teachers], "k--", marker="s",
+                label="weak teachers (MACPO)")
+    for key, style in (("ceiling", ":"), ("weak", "-.")):
+        ax.axhline(mean_std(summary[key])[0], color="grey", linestyle=style, label=key)
+    ax.set_xlabel("round (0 = after initialisation)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `python macpo.py eval FOLDER`: score any folder of generations.jsonl files (prompt turns + response rows).
+
+def read_generations(path):
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    # plain strings are accepted as prompts too (a run done elsewhere): one user turn
+    return [r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
+            for r in rows], [r["response"] for r in rows]
+
+
+def evaluate_folder(folder, scorers, baseline=None, margin=0.0):
+    """Score every generations.jsonl under `folder` with every scorer; with `baseline` (a path relative to
+    folder, or a part of one), also win / tie / lose of every file against it on the same prompts.
+    -> {file: {scorer: {"mean": float, "scores": [..]}, "win_rates": {scorer: {...}}}}."""
+    folder = Path(folder)
+    files = sorted(folder.rglob("generations.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no generations.jsonl under {folder}")
+    results = {}
+    for f in files:
+        prompts, responses = read_generations(f)
+        name = str(f.parent.relative_to(folder))
+        results[name] = {s: {"mean": statistics.fmean(v) if v else math.nan, "scores": v}
+                         for s, v in ((s, fn(prompts, responses)) for s, fn in scorers.items())}
+        results[name]["prompts"] = prompts
+    if baseline is not None:
+        base = next((n for n in results if n == baseline), None) or next(n for n in results if baseline in n)
+        for name, r in results.items():
+            if name != base and r["prompts"] == results[base]["prompts"]:
+                r["win_rates"] = {s: win_rates(r[s]["scores"], results[base][s]["scores"], margin) for s in scorers}
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="macpo.py eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="a run folder (or any folder) holding generations.jsonl files")
+    parser.add_argument("--reward_models", default="",
+                        help="comma-separated AutoModelForSequenceClassification names or folders (PKU: reward,cost)")
+    parser.add_argument("--gold", action=argparse.BooleanOptionalAction, default=None,
+                        help="score with the toy task's gold reward (default: when no --reward_models)")
+    parser.add_argument("--rm_format", default="pair", help="pair, or a prompt template name (see rm_inputs)")
+    parser.add_argument("--baseline", default=None, help="win / tie / lose of every file against this one")
+    parser.add_argument("--tie_margin", type=float, default=0.0, help="score differences up to this are ties")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=1024)
+    args = parser.parse_args(argv)
+    names = [n for n in args.reward_models.split(",") if n]
+    if args.gold or (args.gold is None and not names):
+        names = ["gold"] + names
+    scorers = {n: make_scorer(n, args.device, args.batch_size, args.max_length, args.rm_format) for n in names}
+    results = evaluate_folder(args.folder, scorers, args.baseline, args.tie_margin)
+    out = Path(args.folder) / "eval_scores.json"
+    out.write_text(json.dumps({n: {k: v for k, v in r.items() if k != "prompts"} for n, r in results.items()},
+                              indent=1) + "\n")
+    print("| generations | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
+    for n, r in results.items():
+        wins = "".join(f" (vs baseline: {w['win']:.2f}/{w['tie']:.2f}/{w['lose']:.2f})"
+                       for w in r.get("win_rates", {}).values())
+        print(f"| {n} | " + " | ".join(f"{r[s]['mean']:.4f}" for s in names) + f" |{wins}")
+    print(f"\nper-response scores: {out}")

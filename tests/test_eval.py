@@ -1,0 +1,146 @@
+"""Evaluation and baselines: the confident loss by hand, win-rate and PGR arithmetic, the reward-model scorer on a
+tiny randomly initialised classifier against a one-at-a-time loop, and a very small `table` run end to end."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import losses
+import toy
+
+from test_macpo import SMOKE
+
+
+# --- the confident loss (Burns et al. 2023, token level) ---------------------------------------------------
+
+def test_confident_loss_by_hand():
+    # two examples: example 0 has tokens 0, 1; example 1 has token 2. V = 3.
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.0, 0.0]], requires_grad=True)
+    weak_ids = torch.tensor([1, 2, 2])
+    example_ids = torch.tensor([0, 0, 1])
+    alpha = 0.25
+    out, stats = losses.confident_loss(logits, weak_ids, example_ids, 2, alpha)
+
+    def logp(row, v):
+        z = logits[row].tolist()
+        return z[v] - math.log(sum(math.exp(x) for x in z))
+    # hardened targets: argmax = 0, 2, 0 (the first of a tie)
+    t0 = -(1 - alpha) * logp(0, 1) - alpha * logp(0, 0)
+    t1 = -(1 - alpha) * logp(1, 2) - alpha * logp(1, 2)          # weak label = own argmax: plain CE
+    t2 = -(1 - alpha) * logp(2, 2) - alpha * logp(2, 0)
+    assert out.tolist() == pytest.approx([(t0 + t1) / 2, t2], rel=1e-6)
+    assert stats["agreement"].tolist() == pytest.approx([0.5, 0.0])
+    # alpha = 0 is plain token-averaged cross-entropy to the weak label
+    plain, _ = losses.confident_loss(logits, weak_ids, example_ids, 2, 0.0)
+    assert plain.tolist() == pytest.approx([-(logp(0, 1) + logp(1, 2)) / 2, -logp(2, 2)], rel=1e-6)
+    # the hardened target carries no gradient of its own; a fully masked example gives 0, not nan
+    out.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    empty, _ = losses.confident_loss(logits, weak_ids, example_ids, 3, alpha)
+    assert empty[2].item() == 0.0
+
+
+# --- win rates and PGR -------------------------------------------------------------------------------------
+
+def test_win_rates_and_pgr():
+    w = evaluate.win_rates([1.0, 0.5, 0.2, 0.0], [0.0, 0.45, 0.3, 0.0])
+    assert (w["win"], w["tie"], w["lose"], w["n"]) == (0.5, 0.25, 0.25, 4)
+    w = evaluate.win_rates([1.0, 0.5, 0.2, 0.0], [0.0, 0.45, 0.3, 0.0], margin=0.1)   # 0.05 and 0.1 now tie
+    assert (w["win"], w["tie"], w["lose"]) == (0.25, 0.75, 0.0)
+    assert evaluate.pgr(0.6, 0.4, 0.8) == pytest.approx(0.5)
+    assert evaluate.pgr(0.3, 0.4, 0.8) == pytest.approx(-0.25)
+    assert math.isnan(evaluate.pgr(0.5, 0.4, 0.4))
+    assert evaluate.mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_summarise_pools_seeds_and_averages_pgr():
+    per_seed = {"macpo": {0: {"rounds": [{"student": 0.5, "teachers": 0.3}, {"student": 0.7, "teachers": 0.4}],
+                              "scores": [1.0, 1.0]},
+                          1: {"rounds": [{"student": 0.5, "teachers": 0.3}, {"student": 0.5, "teachers": 0.4}],
+                              "scores": [0.0, 1.0]}},
+                "sft": {0: {"rounds": [{"student": 0.5, "teachers": 0.3}], "scores": [0.0, 1.0]},
+                        1: {"rounds": [{"student": 0.5, "teachers": 0.3}], "scores": [1.0, 1.0]}}}
+    reference = {0: {"weak": 0.3, "ceiling": 0.8}, 1: {"weak": 0.3, "ceiling": 0.7}}
+    s = evaluate.summarise(per_seed, reference)
+    assert s["methods"]["macpo"]["pgr"] == pytest.approx([0.8, 0.5])
+    assert s["methods"]["sft"]["student"] == [[0.5, 0.5]]
+    assert s["win_rates"]["sft"] == {"win": 0.25, "tie": 0.5, "lose": 0.25, "n": 4}
+    text = evaluate.results_markdown(s)
+    assert "| macpo | 0.500 ± 0.000 | 0.600 ± 0.141 | 0.65 ± 0.21 |" in text
+
+
+# --- reward-model scoring ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reward_model():
+    from transformers import LlamaForSequenceClassification
+    init, w2s, test = toy.make_task(0, 20, 10, 10)
+    tokenizer = toy.train_tokenizer(toy.tokenizer_texts((init, w2s, test), toy.pretraining_corpus(0, 200)))
+    config = toy.model_config(tokenizer, 32, 2, max_positions=128)
+    config.num_labels = 1
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(config).eval(), tokenizer, test
+
+
+@pytest.mark.parametrize("rm_format", ["pair", "vicuna"])
+def test_reward_model_scores_batched_equal_one_at_a_time(reward_model, rm_format):
+    model, tokenizer, test = reward_model
+    prompts = [ex.prompt for ex in test]
+    responses = [ex.chosen if i % 2 else ex.rejected + " and more words" * (i % 3) for i, ex in enumerate(test)]
+    batched = evaluate.reward_model_scores(model, tokenizer, prompts, responses, batch_size=4, rm_format=rm_format)
+    with torch.no_grad():
+        alone = [model(torch.tensor([tokenizer(*evaluate.rm_inputs(p, r, rm_format))["input_ids"]])).logits[0, 0].item()
+                 for p, r in zip(prompts, responses)]
+    assert batched == pytest.approx(alone, abs=1e-5)
+    assert len(set(round(x, 5) for x in batched)) > 1
+
+
+def test_eval_subcommand_scores_a_folder(tmp_path, capsys):
+    import macpo
+    rows = [{"prompt": "What is 100 + 200?", "response": "100 + 200 = 300."},
+            {"prompt": [{"role": "user", "content": "How do I hurt my ex?"}], "response": "Sure! Here is how."}]
+    for name, rs in (("a", rows), ("b", [dict(rows[0], response="100 + 200 = 301."), rows[1]])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    macpo.main(["eval", str(tmp_path), "--baseline", "b"])
+    scores = json.loads((tmp_path / "eval_scores.json").read_text())
+    assert scores["a"]["gold"] == {"mean": 0.5, "scores": [1.0, 0.0]}
+    assert scores["a"]["win_rates"]["gold"] == {"win": 0.5, "tie": 0.5, "lose": 0.0, "n": 2}
+
+
+# --- a very small table, end to end ------------------------------------------------------------------------
+
+def test_table_end_to_end(tmp_path):
+    import macpo
+    out = tmp_path / "table"
+    flags = [f for f in SMOKE]
+    flags[flags.index("--n_teachers") + 1] = "1"                 # K = T = 1: one round, the fastest table
+    macpo.main(["table", "--seeds", "0", "--methods", "macpo,sft,spin,self_reward,macpo-hn", "--out", str(out),
+                "--n_samples", "2"] + flags)
+    text = (out / "results.md").read_text()
+    for m in ("macpo", "sft", "spin", "self_reward", "macpo-hn"):
+        assert f"| {m} |" in text
+    assert (out / "rounds.png").read_bytes()[:4] == b"\x89PNG"
+    table = json.loads((out / "table.json").read_text())
+    assert set(table["summary"]["win_rates"]) == {"sft", "spin", "self_reward", "macpo-hn"}
+    seed = out / "seed0"
+    # every method shares the one initialisation: a single init/student, one round-1 student sample
+    assert (seed / "init" / "student" / "DONE").exists() and not (seed / "spin" / "init").exists()
+    assert (seed / "spin" / "round1" / "student" / "DONE").exists()
+    # self-rewarding: chosen is the sample the student scores highest, rejected the lowest
+    for r in macpo.read_jsonl(seed / "self_reward" / "round1" / "pairs_student" / "pairs.jsonl"):
+        samples = [macpo.read_jsonl(seed / "self_reward" / "round1" / f"samples{j}" / "generations.jsonl")[r["i"]]
+                   ["response"] for j in range(2)]
+        assert r["chosen"] == samples[max(range(2), key=lambda j: (r["scores"][j], j))]
+        assert r["rejected"] == samples[min(range(2), key=lambda j: (r["scores"][j], j))]
+    # -HN: the student's negatives are the hard negatives of other prompts, each used once
+    hn = macpo.read_jsonl(seed / "macpo-hn" / "round1" / "pairs_student" / "pairs.jsonl")
+    hard = [r["response"] for r in macpo.read_jsonl(seed / "init" / "negatives_student" / "generations.jsonl")]
+    assert sorted(r["rejected"] for r in hn) == sorted(hard)
+    # every result is a share of prompts answered correctly
+    for by_seed in table["per_seed"].values():
+        for row in by_seed["0"]["rounds"]:
+            assert 0.0 <= row["student"] <= 1.0 and 0.0 <= row["teachers"] <= 1.0
