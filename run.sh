@@ -10,6 +10,7 @@
 #   bash run.sh harmless   # HH-Harmless
 #   bash run.sh pku        # PKU-SafeRLHF
 #   bash run.sh paper      # the paper's models (3 x 7-8B weak teachers, Llama-2-70b student)
+#   bash run.sh bench      # speed vs the naive scripts, measured side by side; writes runs/bench/bench.json
 #
 # Extra arguments pass through as flags and override the preset's (python macpo.py --help lists them all), e.g.
 #   bash run.sh hh --student models/Qwen2.5-1.5B --data_dir ../shared/data/hh-rlhf --train_split test
@@ -63,6 +64,8 @@ case "$preset" in
   paper)     # the paper's agents; a 70B student needs several GPUs and LoRA (see the README)
     exec $PY macpo.py --out runs/paper --task hh-helpful --teachers "$PAPER_TEACHERS" --student "$PAPER_STUDENT" \
       --n_init 5000 --n_w2s 5000 --n_test 2000 --template vicuna $REAL "$@" ;;
+  bench)     # speed of scoring, generation and the preference step vs the naive scripts, side by side (CPU, <10 min)
+    exec $PY bench.py "$@" ;;
   test)
     exec $PY -m pytest tests -q "$@" ;;
   table)     # MACPO, naive SFT, confident loss, SPIN, self-rewarding, -MP, -HN, K = 1, 2: 3 seeds, one folder
@@ -80,6 +83,6 @@ case "$preset" in
       --max_new_tokens 16 --batch_size 64 --score_batch_size 256 --gen_batch_size 256 \
       --sft_lr 2e-3 --dpo_lr 2e-4 --warmup_ratio 0.05 --temperature 1.0 --top_p 1.0 "$@" ;;
   *)
-    echo "unknown preset '$preset': choose toy, smoke, hh, harmless, pku, paper, table or test" >&2
+    echo "unknown preset '$preset': choose toy, smoke, hh, harmless, pku, paper, bench, table or test" >&2
     exit 2 ;;
 esac
