@@ -61,6 +61,8 @@ def _json_lines(path):
                     record = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+                except (ValueError, RecursionError) as e:     # a number too long for int(), or nesting too deep
+                    raise DataError(f"{path}:{lineno}: not readable JSON ({str(e)[:120]})") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 yield lineno, record
@@ -76,7 +78,8 @@ def _field(record, key, kind, where):
         raise DataError(f"{where}: missing field {key!r}")
     value = record[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise DataError(f"{where}: field {key!r} should be {kind.__name__}, got {type(value).__name__}")
+        expected = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise DataError(f"{where}: field {key!r} should be {expected}, got {type(value).__name__}")
     return value
 
 
@@ -188,6 +191,8 @@ def _json_list(path):
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:         # a number too long for int(), or nesting too deep
+        raise DataError(f"{path}: not readable JSON ({str(e)[:120]})") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     # json.loads keeps no positions; walk the (now known valid) list once more with raw_decode to find where each
@@ -205,7 +210,7 @@ def _json_list(path):
 def _flat_turns(text):
     """The release's flattened HH dialogue "USER: q1 ASSISTANT: a1 USER: q2" -> role/content turns, or None if
     it does not end with a user turn. Text not starting with "USER:" (PKU) is one user turn."""
-    if not text.startswith("USER:"):
+    if not re.match(r"USER:(?=\s|$)", text):          # "USER:x" is not a turn marker (the split below agrees)
         return [{"role": "user", "content": text.strip()}]
     parts = re.split(r"(?:^|\s)(USER|ASSISTANT):(?=\s|$)", text)   # ["", role, content, role, content, ...]
     if parts[-2] != "USER":
@@ -293,7 +298,7 @@ def sniff_format(path):
         return "llamafactory"
     try:
         keys = set(json.loads(first))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         keys = set()
     if "response_0" in keys:
         return "pku"

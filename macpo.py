@@ -34,7 +34,8 @@ import data
 import evaluate
 import lora
 from generate import generate, perplexity
-from train import ModelLoadError, NonFiniteError, default_device, load_model, reference_logps, save_model, train
+from train import (ModelLoadError, NonFiniteError, check_model, default_device, load_model, reference_logps,
+                   save_model, train)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,6 +186,9 @@ def validate(cfg):
     for name in ("batch_size", "gen_batch_size", "score_batch_size", "grad_accum", "max_new_tokens", "log_every"):
         if getattr(cfg, name) < 1:
             p.append(f"--{name} must be at least 1")
+    for name in ("sft_lr", "dpo_lr", "toy_pretrain_lr"):
+        if not 0 < getattr(cfg, name) < float("inf"):        # argparse takes "nan" and "inf" as floats
+            p.append(f"--{name} must be a positive finite number, got {getattr(cfg, name)}")
     if cfg.beta <= 0 or cfg.sft_weight < 0 or not 0 <= cfg.label_smoothing < 0.5:
         p.append("--beta must be > 0, --sft_weight >= 0, --label_smoothing in [0, 0.5)")
     return p
@@ -212,7 +216,8 @@ class Run:
         if saved.exists():
             old = json.loads(saved.read_text())
             changed = sorted(k for k in config if k != "out" and old.get(k) != config[k])
-            if changed:
+            # a folder with no finished stage has nothing to protect: a refused run can be rerun with fixed flags
+            if changed and any(self.out.rglob("DONE")):
                 sys.exit(f"error: {self.out} holds a run with a different configuration ({', '.join(changed)}); "
                          f"resume with the same flags, or pass a different --out")
         write_json(saved, config)
@@ -453,7 +458,10 @@ def toy_bases(cfg, run, task):
 def load_task(cfg):
     if cfg.task == "toy":
         import toy
-        return toy.make_task(cfg.seed, cfg.n_init, cfg.n_w2s, cfg.n_test)
+        try:
+            return toy.make_task(cfg.seed, cfg.n_init, cfg.n_w2s, cfg.n_test)
+        except ValueError as e:
+            raise data.DataError(f"{e}: lower --n_init, --n_w2s or --n_test") from None
     if cfg.task == "file":
         return data.paper_splits(data.read_any(cfg.data_file, order=cfg.pku_order), cfg.n_init, cfg.n_w2s,
                                  cfg.n_test, cfg.seed)
@@ -476,11 +484,25 @@ def load_task(cfg):
 # ---------------------------------------------------------------------------------------------------------
 # Algorithm 1 (paper section 2; ../shared/paper.md sections 2 and 9).
 
+def check_models(cfg):
+    """Every teacher and the student exist (config and tokenizer load) and the prompt template fits in
+    --max_prompt_length with each one's tokenizer: checked before any training, not when the stage comes."""
+    for name in cfg.teachers.split(",") + [cfg.student]:
+        tokenizer = check_model(name, cfg.trust_remote_code)
+        n = len(tokenizer(_render(cfg, [{"role": "user", "content": ""}], tokenizer))["input_ids"])
+        if n >= cfg.max_prompt_length:
+            raise data.DataError(f"--max_prompt_length {cfg.max_prompt_length} leaves no room for a prompt: the "
+                                 f"{cfg.template} template alone is {n} tokens with {name}'s tokenizer; raise "
+                                 f"--max_prompt_length (and --max_length) above {n}, or pass --system ''")
+
+
 def initialise(cfg, run):
     """Algorithm 1, step 1 (and the data): every agent initialised, the weak labels and the hard negatives.
     -> dict with the splits, the agents' checkpoints and the init evaluations. Shared by every method: the
     baselines start from the same weak teachers, weak labels and naive-SFT student."""
     init, w2s, test = load_task(cfg)                           # D_init (gold pairs), Q_w2s, test prompts
+    if cfg.teachers != "toy":
+        check_models(cfg)                                      # every model, before the first one trains
     Q = [ex.prompt for ex in w2s]
     if cfg.task == "toy":
         teacher_bases, student_base = toy_bases(cfg, run, (init, w2s, test))
@@ -792,6 +814,9 @@ def main(argv=None):
         results = macpo(cfg)
     except (data.DataError, ModelLoadError, NonFiniteError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:       # a full disk or a lost mount: the stage being written stays *.partial, never DONE
+        sys.exit(f"error: {e} (while writing under {cfg.out}). Every finished stage is intact; fix the cause "
+                 f"(free disk space) and run the same command again to resume.")
     print(format_table(results, [f"teacher{k}" for k in range(cfg.K)]))
     print(f"\n{cfg.out}: results.json, metrics.jsonl, checkpoints and generations per stage "
           f"({time.time() - t0:.0f} s)")

@@ -42,19 +42,40 @@ def load_model(name_or_path, device="cpu", trust_remote_code=False):
         model, tokenizer = load_model(json.loads(adapter_config.read_text())["base_model"], device, trust_remote_code)
         lora.load_adapters(model, name_or_path)
         return model, tokenizer
+    # a local folder with safetensors weights is read only through them, never through a pickle beside them
+    safetensors = any((Path(name_or_path) / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                     **({"use_safetensors": True} if safetensors else {}))
     except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"cannot load model {name_or_path!r}: it is not a local model folder and the Hugging Face hub is not "
-            f"reachable ({type(e).__name__}: {str(e).splitlines()[0][:200]}).\n"
-            f"On a machine with network: `huggingface-cli download {name_or_path} --local-dir models/{name_or_path}`, "
-            f"copy models/{name_or_path} here and pass that folder instead of the name.") from None
+        raise _load_error(name_or_path, e) from None
     if tokenizer.pad_token_id is None:          # Llama-style tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     return model.to(device=device, dtype=dtype), tokenizer
+
+
+def _load_error(name_or_path, e):
+    return ModelLoadError(
+        f"cannot load model {name_or_path!r}: it is not a local model folder and the Hugging Face hub is not "
+        f"reachable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}).\n"
+        f"On a machine with network: `huggingface-cli download {name_or_path} --local-dir models/{name_or_path}`, "
+        f"copy models/{name_or_path} here and pass that folder instead of the name.")
+
+
+def check_model(name_or_path, trust_remote_code=False):
+    """The model's config and tokenizer, without its weights: every model a run names is checked this way before
+    any training, so a typo in the third teacher does not surface hours in -> the tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+    if (Path(name_or_path) / lora.CONFIG_NAME).is_file():
+        return check_model(json.loads((Path(name_or_path) / lora.CONFIG_NAME).read_text())["base_model"],
+                           trust_remote_code)
+    try:
+        AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _load_error(name_or_path, e) from None
 
 
 def save_model(model, tokenizer, directory):
@@ -142,6 +163,7 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
                                                  0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup))))
     model.train()
     logged, sums, grad_norms, n_logged, tokens, t0 = [], {}, [], 0, 0, time.time()
+    checks = []     # per optimizer step since the last log: (step, batch, rows, finite?), the flag left on the device
     bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False)
     step = 0
     for i, idx in enumerate(batches):
@@ -178,14 +200,20 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        # the running loss sum stays non-finite once a NaN/inf enters it, so the first False names the fault's step
+        checks.append((step, i, idx, torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])))
         bar.update(1)
         if step == 1 or step % log_every == 0 or step == total_steps:
             row = {k: float(v) / n_logged for k, v in sums.items()}
             row["grad_norm"] = float(torch.stack(grad_norms).mean())
             if not all(math.isfinite(v) for v in row.values()):
-                raise NonFiniteError(f"{desc}: non-finite loss or gradient at optimizer step {step} of {total_steps} "
-                                     f"(batch {i}, rows {idx[:8]}): {row}. The stage is stopped and not saved; "
-                                     f"the previous stage's checkpoint is intact. Try a lower --lr.")
+                ok = torch.stack([c[-1] for c in checks]).tolist()
+                bad_step, bad_batch, bad_idx, _ = checks[ok.index(False) if False in ok else -1]
+                raise NonFiniteError(f"{desc}: non-finite loss or gradient at optimizer step {bad_step} of "
+                                     f"{total_steps} (batch {bad_batch}, rows {bad_idx[:8]}): {row}. The stage is "
+                                     f"stopped and not saved; the previous stage's checkpoint is intact. Try a lower "
+                                     f"--lr.")
+            checks = []
             row.update(step=step, lr=schedule.get_last_lr()[0], tokens_per_s=tokens / (time.time() - t0))
             logged.append(row)
             if log_file is not None:
@@ -194,5 +222,10 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
                             | {"tok/s": f"{row['tokens_per_s']:.0f}"})
             sums, grad_norms, n_logged = {}, [], 0
     bar.close()
+    # The last update can overflow the weights even when its loss and gradient were finite: a model with a
+    # non-finite weight is never returned, so never saved.
+    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise NonFiniteError(f"{desc}: non-finite weights after the last optimizer step ({total_steps}). The stage "
+                             f"is stopped and not saved; the previous stage's checkpoint is intact. Try a lower --lr.")
     model.eval()
     return logged
