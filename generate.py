@@ -12,6 +12,7 @@ import inspect
 import torch
 from tqdm.auto import tqdm
 
+import parallel
 from data import collate, encode, truncate_prompt
 from losses import token_logps
 
@@ -43,17 +44,30 @@ def sequence_logps(model, input_ids, attention_mask, loss_mask):
     return logps, n_tokens
 
 
+class ScoredLM(torch.nn.Module):
+    """A causal LM whose output projection runs only at the scored positions (rows, cols).
+
+    The token at position p + 1 is predicted from the hidden state at p; prompts are long and V is the widest
+    matrix of a small model, so most of the head's FLOPs would go to unscored prompt positions. A module rather
+    than a function so that DistributedDataParallel and FSDP can wrap it: their hooks run on forward()."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, rows, cols):
+        hidden = _backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.model.get_output_embeddings()(hidden[rows, cols])              # [B, T, H] -> [N, V]
+
+
 def scored_logits(model, input_ids, attention_mask, loss_mask):
     """Logits at the scored positions only: (logits [N, V], target ids [N], row of each [N]), N = the number
-    of masked-in tokens. Used by sequence_logps and by token-level losses (losses.confident_loss)."""
-    hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-    # The token at position p + 1 is predicted from the hidden state at p; score only positions whose next
-    # token is masked in. Prompts are long and V is the widest matrix of a small model: most of the head's
-    # FLOPs would go to unscored prompt positions.
+    of masked-in tokens. `model` is a transformers causal LM, or a ScoredLM already wrapped for several
+    processes (parallel.wrap). Used by sequence_logps and by token-level losses (losses.confident_loss)."""
     rows, cols = loss_mask[:, 1:].nonzero(as_tuple=True)                                # [N], [N]
     rows, cols = rows.to(input_ids.device), cols.to(input_ids.device)
-    logits = model.get_output_embeddings()(hidden[rows, cols])                          # [N, V]
-    return logits, input_ids[rows, cols + 1], rows
+    scorer = ScoredLM(model) if hasattr(model, "get_output_embeddings") else model
+    return scorer(input_ids, attention_mask, rows, cols), input_ids[rows, cols + 1], rows
 
 
 def length_sorted_batches(lengths, batch_size):
@@ -75,16 +89,15 @@ def perplexity(model, tokenizer, prompts, responses, batch_size=32, max_length=1
     device = _device(model)
     encoded = [encode(tokenizer, p, r, max_length, max_prompt_length) for p, r in zip(prompts, responses)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = [0.0] * len(encoded)
+    done = []
     batches = length_sorted_batches([len(ids) for ids, _ in encoded], batch_size)
-    for idx in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+    # with several processes each rank scores its share of the batches; gather restores the input order
+    for idx in tqdm(parallel.mine(batches), desc="perplexity", disable=not progress, leave=False):
         batch = collate([encoded[i] for i in idx], pad_id)
         logps, n = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                   batch["loss_mask"])
-        ppl = torch.exp(-logps / n.clamp(min=1)).tolist()       # one sync per batch
-        for i, v in zip(idx, ppl):
-            out[i] = v
-    return out
+        done += zip(idx, torch.exp(-logps / n.clamp(min=1)).tolist())      # one sync per batch
+    return [v for _, v in parallel.gather(done)]
 
 
 def _sample(logits, temperature, top_p, generator):
@@ -109,18 +122,21 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top
 
     Prompts are sorted by length and left-padded into batches so that every row's last prompt token sits in
     the last column; decoding uses the KV cache, so each step feeds one token per row. A row stops at EOS
-    (later positions are padding); the batch stops when every row has. Deterministic for a seed.
+    (later positions are padding); the batch stops when every row has. Deterministic for a seed: batch b
+    samples from its own generator seeded with seed + b, so the same prompts give the same responses however
+    many processes share the batches.
     """
     device = _device(model)
     backbone, head = _backbone(model), model.get_output_embeddings()
     cache_kw = _cache_kwarg(backbone)
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    generator = torch.Generator(device=device).manual_seed(seed)
     encoded = [truncate_prompt(tokenizer(p)["input_ids"], max_prompt_length, tokenizer.bos_token_id) for p in prompts]
-    out = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+    done = []
+    batches = list(enumerate(length_sorted_batches([len(e) for e in encoded], batch_size)))
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress or not parallel.is_main(), leave=False)
+    for b, idx in parallel.mine(batches):
+        generator = torch.Generator(device=device).manual_seed(seed + b)
         B, P = len(idx), max(len(encoded[i]) for i in idx)
         input_ids = torch.full((B, P), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((B, P), dtype=torch.long)
@@ -148,7 +164,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top
             position_ids = position_ids[:, -1:] + 1
         for r, row in enumerate(new_tokens.tolist()):
             row = row[:row.index(eos_id)] if eos_id in row else row
-            out[idx[r]] = tokenizer.decode(row, skip_special_tokens=True).strip()
-        bar.update(B)
+            done.append((idx[r], tokenizer.decode(row, skip_special_tokens=True).strip()))
+        bar.update(B * parallel.world_size())
     bar.close()
-    return out
+    return [text for _, text in parallel.gather(done)]

@@ -13,6 +13,7 @@ Every stage writes into its own folder under --out and is marked done last; runn
 skips finished stages, so a killed run continues where it stopped. Algorithm 1 is `macpo` below.
 """
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -33,6 +34,7 @@ import torch
 import data
 import evaluate
 import lora
+import parallel
 from generate import generate, perplexity
 from train import (ModelLoadError, NonFiniteError, check_model, default_device, load_model, reference_logps,
                    save_model, train)
@@ -49,6 +51,7 @@ class Config:
     seed: int = 0                       # every stage derives its own seed from this and its name
     device: str = "auto"                # auto = cuda if available, else cpu (bf16 on cuda, float32 on cpu)
     trust_remote_code: bool = False     # let transformers run code shipped with a hub model; off unless asked
+    parallel: str = "ddp"               # under torchrun: ddp (full copies, gradients averaged) | fsdp (sharded)
     # task and data
     task: str = "toy"                   # toy | hh-helpful | hh-harmless | pku | file
     data_dir: str = ""                  # local dataset folder (hh: {subset}/{split}.jsonl.gz; pku: {split}.jsonl)
@@ -160,7 +163,8 @@ def validate(cfg):
     choices = {"task": ("toy", "hh-helpful", "hh-harmless", "pku", "file"), "template": data.TEMPLATES,
                "reference": ("previous", "init", "base"), "student_positive_from": ("before", "after"),
                "loss_type": ("sigmoid", "ipo"), "pku_order": ("safer", "better"),
-               "lora": ("none", "all", "student", "teachers"), "method": tuple(METHODS),
+               "lora": ("none", "all", "student", "teachers"),
+               "parallel": ("ddp", "fsdp"), "method": tuple(METHODS),
                "self_judge": ("likelihood", "llm")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -203,6 +207,8 @@ class Run:
     def __init__(self, cfg):
         self.cfg, self.out, self.order = cfg, Path(cfg.out).resolve(), []
         self.out.mkdir(parents=True, exist_ok=True)
+        if not parallel.is_main():      # under torchrun rank 0 owns the folder; the others follow its stages
+            return
         # One process per run folder: flock is released by the kernel when the process dies, so a crash never
         # leaves a stale lock behind.
         self._lock = open(self.out / ".lock", "w")
@@ -230,14 +236,19 @@ class Run:
         if (final / "DONE").exists():
             return final
         tmp = final.with_name(final.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if parallel.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        parallel.barrier()                  # under torchrun every rank builds the stage; rank 0 writes its files
         t0 = time.time()
         build(tmp)
-        (tmp / "DONE").write_text(f"{time.time() - t0:.1f} s\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        self.collect_metrics()
+        parallel.barrier()
+        if parallel.is_main():
+            (tmp / "DONE").write_text(f"{time.time() - t0:.1f} s\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            self.collect_metrics()
+        parallel.barrier()
         return final
 
     def name(self, path):
@@ -259,6 +270,8 @@ class Run:
 
 
 def write_text(path, text):
+    if not parallel.is_main():
+        return
     tmp = Path(f"{path}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -281,6 +294,11 @@ def read_jsonl(path):
 # a stage needs are in memory and any stage can be resumed alone. Rows are (prompt turns, chosen, rejected);
 # each agent renders prompts with its own tokenizer (agents exchange text, not ids).
 
+def _log_file(folder):
+    """The stage's metrics.jsonl, written by rank 0 only."""
+    return open(folder / "metrics.jsonl", "w") if parallel.is_main() else contextlib.nullcontext()
+
+
 def _render(cfg, turns, tokenizer):
     return data.render_prompt(turns, cfg.template, tokenizer, None if cfg.system == "default" else cfg.system)
 
@@ -292,7 +310,7 @@ def _load(cfg, path):
 def _train_kwargs(cfg):
     return dict(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_length=cfg.max_length,
                 max_prompt_length=cfg.max_prompt_length, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-                log_every=cfg.log_every)
+                log_every=cfg.log_every, parallel_mode=cfg.parallel)
 
 
 def _uses_lora(cfg, name):
@@ -322,7 +340,7 @@ def sft_stage(cfg, run, name, start, rows, epochs, kind="sft"):
     def build(folder):
         model, tokenizer = _load_trainable(cfg, name, start)
         rendered = [(_render(cfg, turns, tokenizer), chosen, None) for turns, chosen, _ in rows]
-        with open(folder / "metrics.jsonl", "w") as log:
+        with _log_file(folder) as log:
             train(model, tokenizer, rendered, kind=kind, epochs=epochs, lr=cfg.sft_lr, seed=run.seed(name),
                   log_file=log, desc=name, confident_weight=cfg.confident_weight,
                   confident_warmup=cfg.confident_warmup, **_train_kwargs(cfg))
@@ -347,7 +365,7 @@ def dpo_stage(cfg, run, name, start, reference, rows):
             reference_model, reference_tokenizer = _load(cfg, reference)
             ref = reference_logps(reference_model, reference_tokenizer, rendered, **kw)
             del reference_model
-        with open(folder / "metrics.jsonl", "w") as log:
+        with _log_file(folder) as log:
             train(model, tokenizer, rendered, kind="dpo", reference=ref, epochs=cfg.dpo_epochs, lr=cfg.dpo_lr,
                   beta=cfg.beta, sft_weight=cfg.sft_weight, loss_type=cfg.loss_type,
                   label_smoothing=cfg.label_smoothing, seed=run.seed(name), log_file=log, desc=name,
@@ -436,14 +454,14 @@ def toy_bases(cfg, run, task):
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
             torch.manual_seed(run.seed(name))
-            model = LlamaForCausalLM(toy.model_config(tokenizer, hidden, layers)).to(
-                "cuda" if cfg.device == "cuda" else "cpu")
+            model = LlamaForCausalLM(toy.model_config(tokenizer, hidden, layers)).to(cfg.device)
             # plain language modelling: empty prompt (just BOS), every token of the line scored, one pass
             rows = [("", line, None) for line in corpus[:steps * cfg.toy_pretrain_batch_size]]
-            with open(folder / "metrics.jsonl", "w") as log:
+            with _log_file(folder) as log:
                 train(model, tokenizer, rows, kind="sft", epochs=1,
                       lr=cfg.toy_pretrain_lr, batch_size=cfg.toy_pretrain_batch_size, max_length=cfg.max_length,
-                      warmup_ratio=0.05, seed=run.seed(name), log_every=cfg.log_every, log_file=log, desc=name)
+                      warmup_ratio=0.05, seed=run.seed(name), log_every=cfg.log_every, log_file=log, desc=name,
+                      parallel_mode=cfg.parallel)
             save_model(model, tokenizer, folder)
         return run.stage(f"bases/{name}", build)
 
@@ -802,7 +820,8 @@ def main(argv=None):
     cfg = parse_config(argv)
     if cfg.device == "auto":
         cfg.device = default_device()
-    if cfg.device == "cpu":
+    cfg.device = parallel.setup(cfg.device)          # torchrun: join the process group, one GPU per rank
+    if cfg.device == "cpu" and parallel.world_size() == 1:
         torch.set_num_threads(os.cpu_count() or 1)
     t0 = time.time()
     try:

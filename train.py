@@ -13,9 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 import lora
+import parallel
 
 from data import collate, collate_pairs, encode
-from generate import length_sorted_batches, scored_logits, sequence_logps
+from generate import ScoredLM, length_sorted_batches, scored_logits, sequence_logps
 from losses import confident_loss, macpo_loss, sft_loss
 
 
@@ -83,11 +84,47 @@ def save_model(model, tokenizer, directory):
     adapters saves only them, with its base's name or path (load_model puts the two back together). The caller
     writes into a temporary stage folder and renames it when complete, so a kill never leaves a checkpoint that
     looks done."""
+    state = full_state_dict(model)                  # a collective under FSDP: every rank takes part
+    if not parallel.is_main():
+        return
     if lora.lora_modules(model):
         lora.save_adapters(model, directory, {"base_model": model.name_or_path})
     else:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=state)
     tokenizer.save_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several processes. DDP: every rank holds the whole model and computes gradients on its share of each batch;
+# an all-reduce averages them before the step (overlapped with the backward pass). FSDP (fully_shard): each
+# decoder layer's parameters, gradients and optimizer state are split across ranks and gathered layer by
+# layer when needed. Generation, scoring and reference log-probs run on full unsharded copies.
+
+def wrap(model, mode):
+    """-> the module the training loop runs forward through: ScoredLM(model), wrapped for `mode` when there
+    are several processes. The model's own parameters are the ones trained (FSDP shards them in place)."""
+    scorer = ScoredLM(model)
+    if parallel.world_size() == 1 or mode == "none":
+        return scorer
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        device = next(model.parameters()).device
+        return DistributedDataParallel(scorer, device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+    layers = set(getattr(model, "_no_split_modules", None) or [])     # transformers names its decoder layer class
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module)
+    fully_shard(scorer)                                                # the rest: embeddings, final norm, head
+    return scorer
+
+
+def full_state_dict(model):
+    """None for an ordinary model; for an FSDP-sharded one the full weights, gathered onto rank 0's CPU."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _encode_rows(tokenizer, rows, max_length, max_prompt_length):
@@ -109,12 +146,14 @@ def reference_logps(model, tokenizer, rows, batch_size=32, max_length=1024, max_
     tensors on the CPU. Computed once before the update, so the reference model need not stay in memory."""
     chosen, rejected = _encode_rows(tokenizer, rows, max_length, max_prompt_length)
     device = next(model.parameters()).device
-    out = torch.zeros(2, len(rows))
-    for side, encoded in enumerate((chosen, rejected)):
-        for idx in length_sorted_batches([len(ids) for ids, _ in encoded], batch_size):
+    out = []
+    for encoded in (chosen, rejected):
+        done = []
+        for idx in parallel.mine(length_sorted_batches([len(ids) for ids, _ in encoded], batch_size)):
             b = collate([encoded[i] for i in idx], _pad_id(tokenizer))
             logps, _ = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
-            out[side, idx] = logps.float().cpu()
+            done += zip(idx, logps.float().cpu().tolist())
+        out.append(torch.tensor([v for _, v in parallel.gather(done)]))
     return out[0], out[1]
 
 
@@ -132,7 +171,8 @@ def _bucketed_batches(lengths, batch_size, generator, window=16):
 def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, grad_accum=1, max_length=1024,
           max_prompt_length=None, reference=None, beta=0.1, sft_weight=0.2, loss_type="sigmoid",
           label_smoothing=0.0, warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0, seed=0, log_every=10,
-          log_file=None, desc="train", progress=True, confident_weight=0.75, confident_warmup=0.2):
+          log_file=None, desc="train", progress=True, confident_weight=0.75, confident_warmup=0.2,
+          parallel_mode="ddp"):
     """Train `model` in place on rows [(prompt_text, chosen, rejected)] and return the list of logged stats.
 
     kind="sft": minimise sft_loss on `chosen` (rejected unused), the mean over the batch's examples.
@@ -143,6 +183,8 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
         (Burns et al. 2023: alpha_max 0.75, warm-up over the first 20% of training).
     AdamW, linear warm-up then cosine decay to 0 (the release: cosine, no warm-up), gradient clipping on.
     Statistics stay on the device and are read (.item(), a sync) only every `log_every` optimizer steps.
+    Under torchrun every rank builds the same global batches and takes its share of each (parallel_mode ddp
+    or fsdp decides how gradients and state are shared); the update equals one process's on the whole batch.
     """
     assert kind in ("sft", "dpo", "confident")
     device = next(model.parameters()).device
@@ -156,6 +198,7 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
     batches = [b for _ in range(epochs) for b in _bucketed_batches(lengths, batch_size, generator)]
     total_steps = max(1, math.ceil(len(batches) / grad_accum))
     warmup = int(warmup_ratio * total_steps)
+    scorer = wrap(model, parallel_mode)          # after this, FSDP's parameters are the sharded ones
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     # lr(step) = lr * step / warmup during warm-up, then lr * (1 + cos(pi * progress)) / 2
@@ -164,22 +207,27 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
     model.train()
     logged, sums, grad_norms, n_logged, tokens, t0 = [], {}, [], 0, 0, time.time()
     checks = []     # per optimizer step since the last log: (step, batch, rows, finite?), the flag left on the device
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress or not parallel.is_main(), leave=False)
     step = 0
-    for i, idx in enumerate(batches):
+    for i, global_idx in enumerate(batches):
+        # this rank's rows of the global batch; a rank left without rows runs one with weight 0 so that every
+        # rank joins the gradient all-reduce. Loss = sum over my rows x W / |global batch|, so the average
+        # over ranks that DDP / FSDP take is the mean over the global batch.
+        idx = parallel.mine(global_idx) or global_idx[:1]
+        weight = (len(parallel.mine(global_idx)) > 0) * parallel.world_size() / len(global_idx)
         if kind in ("sft", "confident"):
             b = collate([chosen[j] for j in idx], pad_id)
         else:
             b = collate_pairs([chosen[j] for j in idx], [rejected[j] for j in idx], pad_id)   # [2B, T]
         tokens += int(b["attention_mask"].sum())
         if kind == "confident":
-            logits, targets, example_ids = scored_logits(model, b["input_ids"].to(device),
+            logits, targets, example_ids = scored_logits(scorer, b["input_ids"].to(device),
                                                          b["attention_mask"].to(device), b["loss_mask"])
             alpha = confident_weight * min(1.0, step / max(1.0, confident_warmup * total_steps))
             losses, stats = confident_loss(logits, targets, example_ids, len(idx), alpha)
             stats["alpha"] = torch.full_like(losses, alpha)
         else:
-            logps, n = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
+            logps, n = sequence_logps(scorer, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
         if kind == "sft":
             losses = sft_loss(logps, n)
             stats = {"sft": losses.detach()}
@@ -188,7 +236,7 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
             losses, stats = macpo_loss(logps[:B], logps[B:], reference_chosen[j], reference_rejected[j], n[:B],
                                        beta=beta, sft_weight=sft_weight, label_smoothing=label_smoothing,
                                        loss_type=loss_type)
-        (losses.mean() / grad_accum).backward()
+        (losses.sum() * weight / grad_accum).backward()
         for k, v in [("loss", losses.detach())] + list(stats.items()):
             sums[k] = sums.get(k, 0.0) + v.float().mean()
         n_logged += 1
@@ -204,7 +252,8 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
         checks.append((step, i, idx, torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])))
         bar.update(1)
         if step == 1 or step % log_every == 0 or step == total_steps:
-            row = {k: float(v) / n_logged for k, v in sums.items()}
+            means = parallel.mean(torch.stack([v / n_logged for v in sums.values()]))    # over ranks
+            row = dict(zip(sums, means.tolist()))
             row["grad_norm"] = float(torch.stack(grad_norms).mean())
             if not all(math.isfinite(v) for v in row.values()):
                 ok = torch.stack([c[-1] for c in checks]).tolist()
@@ -216,7 +265,7 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
             checks = []
             row.update(step=step, lr=schedule.get_last_lr()[0], tokens_per_s=tokens / (time.time() - t0))
             logged.append(row)
-            if log_file is not None:
+            if log_file is not None and parallel.is_main():
                 log_file.write(json.dumps({"stage": desc, **row}) + "\n")
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "accuracy", "margin") if k in row}
                             | {"tok/s": f"{row['tokens_per_s']:.0f}"})
@@ -224,7 +273,7 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
     bar.close()
     # The last update can overflow the weights even when its loss and gradient were finite: a model with a
     # non-finite weight is never returned, so never saved.
-    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+    if not bool(torch.stack([torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in params]).all()):
         raise NonFiniteError(f"{desc}: non-finite weights after the last optimizer step ({total_steps}). The stage "
                              f"is stopped and not saved; the previous stage's checkpoint is intact. Try a lower --lr.")
     model.eval()

@@ -1,0 +1,65 @@
+"""Several processes (torchrun): who am I, share out the work, gather it back in order.
+
+    torchrun --nproc_per_node 2 macpo.py --parallel ddp ...    # data parallel: full copies, gradients averaged
+    torchrun --nproc_per_node 8 macpo.py --parallel fsdp ...   # training state sharded across ranks (FSDP2)
+
+With one process (plain `python macpo.py`) every function here is a no-op, so the rest of the code reads as
+single-process code. Imports torch only.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device):
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU. -> this rank's
+    device (cuda:LOCAL_RANK on GPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = str(device).startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    return device
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    """Only rank 0 writes files and prints."""
+    return rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mine(items):
+    """This rank's share of a list, round-robin: rank r takes items r, r + W, r + 2W, ..."""
+    return items[rank()::world_size()]
+
+
+def gather(pairs):
+    """[(index, value)] computed on this rank -> every rank's pairs, sorted by index (the original order)."""
+    if world_size() == 1:
+        return sorted(pairs, key=lambda p: p[0])
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, pairs)
+    return sorted((p for part in everyone for p in part), key=lambda p: p[0])
+
+
+def mean(values):
+    """Average a 1-D float tensor over ranks (for logged statistics)."""
+    if world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world_size()
+    return values
