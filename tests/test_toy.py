@@ -98,11 +98,13 @@ class FixedChoice:
 def test_pretraining_corpus_is_plain_correct_arithmetic():
     corpus = toy.pretraining_corpus(0, 300)
     assert len(corpus) == 300 and corpus == toy.pretraining_corpus(0, 300) != toy.pretraining_corpus(1, 300)
-    for line in corpus:
-        assert "USER" not in line and "ASSISTANT" not in line and "Sorry" not in line and "<s>" not in line
-        left, right = line.rstrip(".").split(" = ")
+    for question, equation in corpus:
+        for text in (question, equation):
+            assert "USER" not in text and "ASSISTANT" not in text and "Sorry" not in text and "<s>" not in text
+        left, right = equation.rstrip(".").split(" = ")
         a, b = map(int, left.split(" + "))
-        assert int(right) == a + b
+        assert int(right) == a + b and f"{a} + {b}" in question
+        assert 10 ** (toy.DIGITS - 1) <= min(a, b) and max(a, b) < 10 ** toy.DIGITS
 
 
 @pytest.fixture(scope="module")
