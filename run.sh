@@ -47,7 +47,7 @@ case "$preset" in
       --toy_student_size 96x2 --toy_student_pretrain_steps 2000 --toy_pretrain_lr 3e-3 \
       --template vicuna --system "" --max_length 64 --max_prompt_length 32 --max_new_tokens 16 \
       --batch_size 64 --score_batch_size 256 --gen_batch_size 256 --teacher_sft_epochs 6 --student_sft_epochs 6 \
-      --neg_sft_epochs 2 --sft_lr 1e-3 --dpo_lr 2e-4 --warmup_ratio 0.05 --temperature 1.0 --top_p 1.0 "$@" ;;
+      --neg_sft_epochs 2 --sft_lr 1e-3 --dpo_lr 2e-5 --warmup_ratio 0.05 --temperature 0.3 --top_p 1.0 "$@" ;;
   smoke)     # the same pipeline at the smallest size that still runs every stage
     exec $PY macpo.py --out runs/smoke --task toy --n_teachers 3 --n_init 64 --n_w2s 64 --n_test 32 \
       --toy_teacher_sizes 32x1,32x1,32x1 --toy_student_size 32x1 --toy_teacher_pretrain_steps 5,5,5 \
