@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "parallel_worker.py"
+WORKER = ROOT / "tests" / "helpers" / "parallel_worker.py"
 
 
 def torchrun(*args):

@@ -1,4 +1,4 @@
-"""Run by tests/test_parallel.py under torchrun (and once as a plain process): trains a tiny Llama with
+"""Not a test: run by tests/test_parallel.py under torchrun (and once as a plain process): trains a tiny Llama with
 train.train and writes the logged losses and final weights, so one process and two can be compared."""
 import json
 import sys
@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))          # the project
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # tests/, for conftest's tiny models
 import parallel  # noqa: E402
 from conftest import make_model, make_tokenizer  # noqa: E402
 from train import reference_logps, train  # noqa: E402
