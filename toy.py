@@ -168,8 +168,13 @@ def pretraining_corpus(seed, n):
     given the question. (Bare "A + B = C." lines were tried first: a 2-layer model then never learns to copy
     the operands out of a question during SFT; scoring the random question digits too slowed learning.)"""
     rng = random.Random(f"pretraining-{seed}")
-    return [(rng.choice(ARITHMETIC_TEMPLATES).format(a=a, b=b), f"{a} + {b} = {a + b}.")
+    return [(rng.choice(ARITHMETIC_TEMPLATES).format(a=a, b=b) + rng.choice(SEPARATORS), f"{a} + {b} = {a + b}.")
             for a, b in (_operands(rng) for _ in range(n))]
+
+
+# Web text puts all sorts of words between a question and its worked answer; so does the corpus, so that copying
+# the operands does not hinge on their exact distance (the chat template adds " ASSISTANT:" there).
+SEPARATORS = ("", " Answer:", " A:", " Solution:", " The answer:", " Let me see.", " Easy.")
 
 
 # ---------------------------------------------------------------------------------------------------------
