@@ -185,7 +185,24 @@ def results_markdown(summary, header="", margin=0.0):
                   f"pooled, tie margin {margin})", "", "| against | win | tie | lose | n |", "|---|---|---|---|---|"]
         for name, w in summary["win_rates"].items():
             lines.append(f"| {name} | {w['win']:.3f} | {w['tie']:.3f} | {w['lose']:.3f} | {w['n']} |")
+    lines += _verdict(methods)
     return "\n".join(lines) + "\n"
+
+
+def _verdict(methods, name="macpo"):
+    """Plain words on whether MACPO's final strong student beats each other method's (mean over seeds)."""
+    if name not in methods or len(methods) < 2:
+        return []
+    final = {m: statistics.fmean(v["student"][-1]) for m, v in methods.items()}
+    above = [m for m in final if m != name and final[name] > final[m]]
+    below = [m for m in final if m != name and final[name] <= final[m]]
+    text = [f"MACPO's final strong student scores {final[name]:.3f}."]
+    if above:
+        text.append(f"It beats {', '.join(f'{m} ({final[m]:.3f})' for m in above)}.")
+    if below:
+        text.append(f"It does NOT beat {', '.join(f'{m} ({final[m]:.3f})' for m in below)}.")
+    return ["", "### Verdict", "", " ".join(text) + " Why, as far as measured, and what changed when the task "
+            "and the learning rates were varied: README.md, section \"The toy task\"."]
 
 
 def plot_rounds(summary, path, ylabel="gold reward"):
