@@ -13,19 +13,14 @@ Every stage writes into its own folder under --out and is marked done last; runn
 skips finished stages, so a killed run continues where it stopped. Algorithm 1 is `macpo` below.
 """
 import argparse
-import contextlib
 import dataclasses
-import fcntl
-import json
 import math
 import os
 import random
 import re
-import shutil
 import statistics
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +31,10 @@ import evaluate
 import lora
 import parallel
 from generate import generate, perplexity
-from train import (ModelLoadError, NonFiniteError, check_model, default_device, load_model, reference_logps,
-                   save_model, train)
+from stages import (Run, dpo_stage, evaluate_stage, generate_stage, load_agent, load_task, read_jsonl, render,
+                    select_positives_stage, sft_stage, teacher_pairs_stage, toy_bases, write_json, write_jsonl,
+                    write_text)
+from train import ModelLoadError, NonFiniteError, check_model, default_device
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,308 +197,6 @@ def validate(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The run folder. A stage is a folder written under a temporary name, marked DONE, then renamed into place:
-# a folder without DONE (or a *.partial one) is never taken for a finished stage. Each stage seeds itself from
-# (seed, name), so a resumed run computes exactly what an uninterrupted one would.
-
-class Run:
-    def __init__(self, cfg):
-        self.cfg, self.out, self.order = cfg, Path(cfg.out).resolve(), []
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not parallel.is_main():      # under torchrun rank 0 owns the folder; the others follow its stages
-            return
-        # One process per run folder: flock is released by the kernel when the process dies, so a crash never
-        # leaves a stale lock behind.
-        self._lock = open(self.out / ".lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sys.exit(f"error: another macpo process is running in {self.out} (it holds {self.out}/.lock); "
-                     f"wait for it to finish or pass a different --out")
-        config = dataclasses.asdict(cfg)
-        saved = self.out / "config.json"
-        if saved.exists():
-            old = json.loads(saved.read_text())
-            changed = sorted(k for k in config if k != "out" and old.get(k) != config[k])
-            # a folder with no finished stage has nothing to protect: a refused run can be rerun with fixed flags
-            if changed and any(self.out.rglob("DONE")):
-                sys.exit(f"error: {self.out} holds a run with a different configuration ({', '.join(changed)}); "
-                         f"resume with the same flags, or pass a different --out")
-        write_json(saved, config)
-
-    def stage(self, name, build):
-        """Run build(folder) unless stage `name` is done; return the finished folder."""
-        final = self.out / name
-        if name not in self.order:          # the table asks for shared stages once per method
-            self.order.append(name)
-        if (final / "DONE").exists():
-            return final
-        tmp = final.with_name(final.name + ".partial")
-        if parallel.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        parallel.barrier()                  # under torchrun every rank builds the stage; rank 0 writes its files
-        t0 = time.time()
-        build(tmp)
-        parallel.barrier()
-        if parallel.is_main():
-            (tmp / "DONE").write_text(f"{time.time() - t0:.1f} s\n")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            self.collect_metrics()
-        parallel.barrier()
-        return final
-
-    def name(self, path):
-        """A checkpoint's name inside the run ("round1/student"), or the model name/path it was given as."""
-        path = Path(path)
-        return str(path.relative_to(self.out)) if path.is_relative_to(self.out) else str(path)
-
-    def seed(self, name):
-        return zlib.crc32(f"{self.cfg.seed}/{name}".encode())
-
-    def collect_metrics(self):
-        """metrics.jsonl = every finished stage's own metrics, in stage order (rebuilt, so never duplicated)."""
-        lines = []
-        for name in self.order:
-            f = self.out / name / "metrics.jsonl"
-            if f.exists():
-                lines += f.read_text().splitlines()
-        write_text(self.out / "metrics.jsonl", "".join(line + "\n" for line in lines))
-
-
-def write_text(path, text):
-    if not parallel.is_main():
-        return
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Stages. Every model goes to and from disk between stages (save_pretrained, safetensors), so only the models
-# a stage needs are in memory and any stage can be resumed alone. Rows are (prompt turns, chosen, rejected);
-# each agent renders prompts with its own tokenizer (agents exchange text, not ids).
-
-def _log_file(folder):
-    """The stage's metrics.jsonl, written by rank 0 only."""
-    return open(folder / "metrics.jsonl", "w") if parallel.is_main() else contextlib.nullcontext()
-
-
-def _render(cfg, turns, tokenizer):
-    return data.render_prompt(turns, cfg.template, tokenizer, None if cfg.system == "default" else cfg.system)
-
-
-def _load(cfg, path):
-    return load_model(str(path), cfg.device, cfg.trust_remote_code)
-
-
-def _train_kwargs(cfg):
-    return dict(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_length=cfg.max_length,
-                max_prompt_length=cfg.max_prompt_length, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-                log_every=cfg.log_every, parallel_mode=cfg.parallel)
-
-
-def _uses_lora(cfg, name):
-    """Does the agent trained in stage `name` ("init/teacher0_neg", "round2/student", ...) train adapters?"""
-    agent = name.split("/")[-1]
-    return cfg.lora == "all" or (cfg.lora != "none" and agent.startswith(cfg.lora.rstrip("s")))
-
-
-def _load_trainable(cfg, name, start):
-    """The model at `start`, ready to train in stage `name`: adapters added when the agent uses LoRA and the
-    checkpoint has none yet (a LoRA agent's later stages continue its adapters, as the release does)."""
-    model, tokenizer = _load(cfg, start)
-    if _uses_lora(cfg, name) and not lora.lora_modules(model):
-        lora.add_lora(model, tuple(cfg.lora_targets.split(",")), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    return model, tokenizer
-
-
-def _save(cfg, model, tokenizer, folder):
-    save_model(model, tokenizer, folder)
-    if cfg.merge_lora and lora.lora_modules(model):
-        save_model(lora.merge_adapters(model), tokenizer, folder / "merged")
-
-
-def sft_stage(cfg, run, name, start, rows, epochs, kind="sft"):
-    """Supervised fine-tuning of the model at `start` on rows' chosen responses -> checkpoint folder.
-    kind="confident": with Burns et al.'s auxiliary confidence loss instead (the confident baseline)."""
-    def build(folder):
-        model, tokenizer = _load_trainable(cfg, name, start)
-        rendered = [(_render(cfg, turns, tokenizer), chosen, None) for turns, chosen, _ in rows]
-        with _log_file(folder) as log:
-            train(model, tokenizer, rendered, kind=kind, epochs=epochs, lr=cfg.sft_lr, seed=run.seed(name),
-                  log_file=log, desc=name, confident_weight=cfg.confident_weight,
-                  confident_warmup=cfg.confident_warmup, **_train_kwargs(cfg))
-        _save(cfg, model, tokenizer, folder)
-    return run.stage(name, build)
-
-
-def dpo_stage(cfg, run, name, start, reference, rows):
-    """The contrastive update: macpo_loss (DPO + sft_weight x SFT on the positive) on (prompt, positive,
-    negative) rows, continuing from `start`; reference log-probs from the model at `reference`, computed once
-    before training -> checkpoint folder."""
-    def build(folder):
-        model, tokenizer = _load_trainable(cfg, name, start)
-        rendered = [(_render(cfg, turns, tokenizer), pos, neg) for turns, pos, neg in rows]
-        kw = dict(batch_size=cfg.score_batch_size, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-        if str(reference) == str(start):
-            ref = reference_logps(model, tokenizer, rendered, **kw)
-        elif lora.lora_modules(model) and str(reference) == model.name_or_path:
-            with lora.adapters_disabled(model):         # the release's reference: the base, adapters off
-                ref = reference_logps(model, tokenizer, rendered, **kw)
-        else:
-            reference_model, reference_tokenizer = _load(cfg, reference)
-            ref = reference_logps(reference_model, reference_tokenizer, rendered, **kw)
-            del reference_model
-        with _log_file(folder) as log:
-            train(model, tokenizer, rendered, kind="dpo", reference=ref, epochs=cfg.dpo_epochs, lr=cfg.dpo_lr,
-                  beta=cfg.beta, sft_weight=cfg.sft_weight, loss_type=cfg.loss_type,
-                  label_smoothing=cfg.label_smoothing, seed=run.seed(name), log_file=log, desc=name,
-                  **_train_kwargs(cfg))
-        _save(cfg, model, tokenizer, folder)
-    return run.stage(name, build)
-
-
-def generate_stage(cfg, run, name, agent, prompts, greedy=False):
-    """One response per prompt from the model at `agent` -> list of strings (saved as generations.jsonl)."""
-    def build(folder):
-        model, tokenizer = _load(cfg, agent)
-        texts = generate(model, tokenizer, [_render(cfg, turns, tokenizer) for turns in prompts],
-                         max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
-                         top_p=cfg.top_p, batch_size=cfg.gen_batch_size, seed=run.seed(name),
-                         max_prompt_length=cfg.max_prompt_length, desc=name)
-        write_jsonl(folder / "generations.jsonl", [{"i": i, "agent": run.name(agent), "prompt": turns, "response": text}
-                                                   for i, (turns, text) in enumerate(zip(prompts, texts))])
-    return [r["response"] for r in read_jsonl(run.stage(name, build) / "generations.jsonl")]
-
-
-def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, negatives, teacher_names):
-    """Mutual positive behaviour augmentation, student side, and its hard negatives (section 2.1(b), (d)):
-
-        y+_i = argmin_k PPL_student(y_i^k | x_i)   over the K teachers' responses to prompt x_i
-        y-_i = the student's negative twin's response
-    -> [(turns, positive, negative)], saved with every perplexity and who wrote each side."""
-    def build(folder):
-        model, tokenizer = _load(cfg, student)
-        rendered = [_render(cfg, turns, tokenizer) for turns in prompts]
-        ppl = [perplexity(model, tokenizer, rendered, responses, batch_size=cfg.score_batch_size,
-                          max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, progress=True)
-               for responses in teacher_responses]                                    # [K][N]
-        rows = []
-        for i, turns in enumerate(prompts):
-            best = min(range(len(teacher_names)), key=lambda k: ppl[k][i])
-            rows.append({"i": i, "prompt": turns, "chosen": teacher_responses[best][i],
-                         "chosen_by": teacher_names[best], "rejected": negatives[i], "rejected_by": "student_neg",
-                         "perplexities": {n: ppl[k][i] for k, n in enumerate(teacher_names)},
-                         "scored_by": run.name(student)})
-        write_jsonl(folder / "pairs.jsonl", rows)
-    return [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
-
-
-def teacher_pairs_stage(run, name, prompts, student_responses, negatives, teacher_names):
-    """Mutual positive behaviour augmentation, teacher side (2.1(c)): the student's response is the positive
-    for every teacher (no filter); teacher k's negative is its own negative twin's -> {teacher: rows}."""
-    def build(folder):
-        for n in teacher_names:
-            write_jsonl(folder / f"{n}.jsonl", [{"i": i, "prompt": turns, "chosen": student_responses[i],
-                                                 "chosen_by": "student", "rejected": negatives[n][i],
-                                                 "rejected_by": f"{n}_neg"} for i, turns in enumerate(prompts)])
-    folder = run.stage(name, build)
-    return {n: [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(folder / f"{n}.jsonl")]
-            for n in teacher_names}
-
-
-def evaluate_stage(cfg, run, name, agent, test):
-    """Greedy test generations of one agent (NAME/generations.jsonl) -> the stage name, or None when evaluation
-    is off. Scoring reads the saved generations (`scores`: the toy task's gold reward, or a reward model via
-    `python macpo.py eval` / the table)."""
-    if not cfg.evaluate or not test:
-        return None
-    generate_stage(cfg, run, name, agent, [ex.prompt for ex in test], greedy=cfg.eval_temperature == 0)
-    return name
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The toy task's agents: tiny Llamas built from configs over a tokenizer trained on the task's text, their
-# bases pre-trained on plain-text arithmetic (the strong student several times longer than the teachers).
-
-def toy_bases(cfg, run, task):
-    import toy
-    from transformers import LlamaForCausalLM
-    steps = [int(x) for x in cfg.toy_teacher_pretrain_steps.split(",")[:cfg.K]] + [cfg.toy_student_pretrain_steps]
-    corpus = toy.pretraining_corpus(cfg.seed, max(steps) * cfg.toy_pretrain_batch_size)
-
-    def build_tokenizer(folder):
-        toy.train_tokenizer(toy.tokenizer_texts(task, corpus[:5000])).save_pretrained(folder)
-    tokenizer_dir = run.stage("bases/tokenizer", build_tokenizer)
-
-    def base(name, size, steps):
-        hidden, layers = (int(x) for x in size.split("x"))
-
-        def build(folder):
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-            torch.manual_seed(run.seed(name))
-            model = LlamaForCausalLM(toy.model_config(tokenizer, hidden, layers)).to(cfg.device)
-            # language modelling of worked examples, one pass over fresh ones: the equation scored given its
-            # question (toy.pretraining_corpus)
-            rows = [(q, eq, None) for q, eq in corpus[:steps * cfg.toy_pretrain_batch_size]]
-            with _log_file(folder) as log:
-                train(model, tokenizer, rows, kind="sft", epochs=1,
-                      lr=cfg.toy_pretrain_lr, batch_size=cfg.toy_pretrain_batch_size, max_length=cfg.max_length,
-                      warmup_ratio=0.05, seed=run.seed(name), log_every=cfg.log_every, log_file=log, desc=name,
-                      parallel_mode=cfg.parallel)
-            save_model(model, tokenizer, folder)
-        return run.stage(f"bases/{name}", build)
-
-    sizes = cfg.toy_teacher_sizes.split(",")
-    teachers = [base(f"teacher{k}", sizes[k], steps[k]) for k in range(cfg.K)]
-    return teachers, base("student", cfg.toy_student_size, steps[-1])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data: (init, w2s, test) lists of data.Example.
-
-def load_task(cfg):
-    if cfg.task == "toy":
-        import toy
-        try:
-            return toy.make_task(cfg.seed, cfg.n_init, cfg.n_w2s, cfg.n_test)
-        except ValueError as e:
-            raise data.DataError(f"{e}: lower --n_init, --n_w2s or --n_test") from None
-    if cfg.task == "file":
-        return data.paper_splits(data.read_any(cfg.data_file, order=cfg.pku_order), cfg.n_init, cfg.n_w2s,
-                                 cfg.n_test, cfg.seed)
-    name, subset = ("pku", "Alpaca-7B") if cfg.task == "pku" else ("hh", cfg.task.replace("hh-", "") + "-base")
-    files, missing = {}, []
-    for split in dict.fromkeys([cfg.train_split, "test"]):        # every file the run needs, named at once
-        try:
-            files[split] = data.dataset_file(name, subset, split, cfg.data_dir or None, cfg.cache_dir)
-        except data.DataError as e:
-            missing.append(str(e))
-    if missing:
-        raise data.DataError("\n".join(missing))
-    read = (lambda f: data.read_pku(f, cfg.pku_order)) if name == "pku" else data.read_hh
-    if cfg.train_split == "test":
-        return data.paper_splits(read(files["test"]), cfg.n_init, cfg.n_w2s, cfg.n_test, cfg.seed)
-    return data.splits_with_test_file(read(files[cfg.train_split]), read(files["test"]), cfg.n_init, cfg.n_w2s,
-                                      cfg.n_test, cfg.seed)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Algorithm 1 (paper section 2; ../shared/paper.md sections 2 and 9).
 
 def check_models(cfg):
@@ -509,7 +204,7 @@ def check_models(cfg):
     --max_prompt_length with each one's tokenizer: checked before any training, not when the stage comes."""
     for name in cfg.teachers.split(",") + [cfg.student]:
         tokenizer = check_model(name, cfg.trust_remote_code)
-        n = len(tokenizer(_render(cfg, [{"role": "user", "content": ""}], tokenizer))["input_ids"])
+        n = len(tokenizer(render(cfg, [{"role": "user", "content": ""}], tokenizer))["input_ids"])
         if n >= cfg.max_prompt_length:
             raise data.DataError(f"--max_prompt_length {cfg.max_prompt_length} leaves no room for a prompt: the "
                                  f"{cfg.template} template alone is {n} tokens with {name}'s tokenizer; raise "
@@ -661,8 +356,8 @@ def self_judge_stage(cfg, run, name, student, prompts, samples):
         student's own length-normalised log-likelihood of the sample, -log PPL(y | x). A substitute, and a
         self-reinforcing one: it prefers what the student already finds likely, not what is correct."""
     def build(folder):
-        model, tokenizer = _load(cfg, student)
-        rendered = [_render(cfg, turns, tokenizer) for turns in prompts]
+        model, tokenizer = load_agent(cfg, student)
+        rendered = [render(cfg, turns, tokenizer) for turns in prompts]
         scores = []
         for j, responses in enumerate(samples):
             if cfg.self_judge == "likelihood":
@@ -670,7 +365,7 @@ def self_judge_stage(cfg, run, name, student, prompts, samples):
                                  max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
                 scores.append([-math.log(p) for p in ppl])
             else:
-                judge = [_render(cfg, [{"role": "user", "content": JUDGE_PROMPT.format(
+                judge = [render(cfg, [{"role": "user", "content": JUDGE_PROMPT.format(
                     question=turns[-1]["content"], response=y)}], tokenizer) for turns, y in zip(prompts, responses)]
                 verdicts = generate(model, tokenizer, judge, max_new_tokens=16, temperature=0.0,
                                     batch_size=cfg.gen_batch_size, seed=run.seed(f"{name}/{j}"),

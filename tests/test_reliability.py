@@ -26,6 +26,7 @@ import torch
 
 import data
 import macpo
+import stages
 import train
 from conftest import make_model, make_tokenizer
 
@@ -319,27 +320,28 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, ".")
 import macpo
+import stages
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 mode = sys.argv[1]
 if mode == "save":        # half of the weights written, then killed
-    save_model = macpo.save_model
+    save_model = stages.save_model
     def half_save(model, tokenizer, directory):
         save_model(model, tokenizer, directory)
         f = Path(directory) / "model.safetensors"
         f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
         die()
-    macpo.save_model = half_save
+    stages.save_model = half_save
 elif mode == "write":     # half of a generations file written, then killed
-    write_text = macpo.write_text
+    write_text = stages.write_text
     def half_write(path, text):
         if str(path).endswith("generations.jsonl"):
             Path(f"{path}.tmp").write_text(text[:len(text) // 2])
             die()
         write_text(path, text)
-    macpo.write_text = half_write
+    stages.write_text = half_write
 elif mode == "rename":    # DONE written, killed before the stage folder is renamed into place
     replace = os.replace
     def replace_or_die(src, dst):
@@ -426,7 +428,7 @@ def test_weights_that_overflow_on_the_last_step_are_never_returned(tokenizer, mo
 
 
 def test_gradient_clipping_is_on_by_default(tokenizer, monkeypatch):
-    assert macpo.Config().grad_clip == 1.0 and macpo._train_kwargs(macpo.Config())["grad_clip"] == 1.0
+    assert macpo.Config().grad_clip == 1.0 and stages._train_kwargs(macpo.Config())["grad_clip"] == 1.0
     norms, clip = [], torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: norms.append(max_norm) or clip(p, max_norm))
     train.train(make_model(tokenizer), tokenizer, ROWS[:8], kind="sft", lr=1e-3, batch_size=4, progress=False)
@@ -477,7 +479,7 @@ def test_full_disk_during_a_save_keeps_finished_stages_and_a_rerun_completes(ref
         f = Path(directory) / "model.safetensors"
         f.write_bytes(b"\0" * 1000)                       # part of the file written, then no space is left
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-    monkeypatch.setattr(macpo, "save_model", disk_full)
+    monkeypatch.setattr(stages, "save_model", disk_full)
     try:
         macpo.main(SMALL + ["--out", str(out)])
         pytest.fail("a full disk went unnoticed")
@@ -526,11 +528,11 @@ def test_trust_remote_code_is_off_unless_asked_and_is_passed_through(tiny_models
         original = cls.from_pretrained
         monkeypatch.setattr(cls, "from_pretrained",
                             lambda *a, original=original, **kw: seen.append(kw) or original(*a, **kw))
-    macpo._load(macpo.Config(device="cpu"), tiny_models[0])
+    stages.load_agent(macpo.Config(device="cpu"), tiny_models[0])
     assert [kw["trust_remote_code"] for kw in seen] == [False, False]
     assert seen[1]["use_safetensors"] is True            # a folder with model.safetensors is read through it only
     seen.clear()
-    macpo._load(macpo.Config(device="cpu", trust_remote_code=True), tiny_models[0])
+    stages.load_agent(macpo.Config(device="cpu", trust_remote_code=True), tiny_models[0])
     assert [kw["trust_remote_code"] for kw in seen] == [True, True]
 
 
