@@ -41,6 +41,17 @@ class Example:
 # Malformed lines raise DataError naming the file and line; known-bad records of the public datasets (a response
 # that is empty, or identical on both sides) are skipped, counted, and reported in one line on stderr.
 
+def _loads(text, path, line=None):
+    """json.loads with errors naming the file and line: `line` when `text` is that one line of a JSONL file,
+    else (the whole file) the decoder's own line number."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line or e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:     # a number too long for int(), or nesting too deep
+        raise DataError(f"{path}{'' if line is None else f':{line}'}: not readable JSON ({str(e)[:120]})") from None
+
+
 def _json_lines(path):
     """Yield (line number, parsed JSON object) for each non-blank line of a .jsonl or .jsonl.gz file."""
     path = Path(path)
@@ -57,12 +68,7 @@ def _json_lines(path):
                                     f"{e.start + 1})") from None
                 if not text.strip():
                     continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-                except (ValueError, RecursionError) as e:     # a number too long for int(), or nesting too deep
-                    raise DataError(f"{path}:{lineno}: not readable JSON ({str(e)[:120]})") from None
+                record = _loads(text, path, lineno)
                 if not isinstance(record, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 yield lineno, record
@@ -187,12 +193,7 @@ def _json_list(path):
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x})") from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-    except (ValueError, RecursionError) as e:         # a number too long for int(), or nesting too deep
-        raise DataError(f"{path}: not readable JSON ({str(e)[:120]})") from None
+    records = _loads(text, path)
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     # json.loads keeps no positions; walk the (now known valid) list once more with raw_decode to find where each
