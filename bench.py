@@ -10,8 +10,10 @@ BPE tokenizer trained on the spot on the prompts) run over real HH-Helpful test 
 candidates of one comparison run interleaved (A, B, C, A, B, C, ...) so that other jobs on a shared machine
 slow them alike. Each table is a ladder: the naive script first, then one technique added per row.
 
-  1. perplexity: one pair at a time through model(input_ids, labels=...) and exp(loss), as most scripts do, up
-     to generate.perplexity (batched, length-sorted, the LM head only at scored positions). Response tokens/s.
+  1. perplexity of K responses per prompt (MACPO's filter: the student scores each weak teacher's answer): one
+     pair at a time through model(input_ids, labels=...) and exp(loss), as most scripts do, up to
+     generate.perplexity (the LM head only at scored positions, rows packed without padding, each prompt run
+     once for its K responses). Response tokens/s.
   2. generation: model.generate over prompts in input order, up to generate.generate (length-sorted batches,
      KV cache, its own sampling loop). Same prompts, batch size, sampling, and number of new tokens for all:
      neither may stop early (min_new_tokens for model.generate; an EOS id the model cannot emit for ours).
@@ -39,7 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import toy
 from data import collate, collate_pairs, encode, read_hh, render_prompt
-from generate import generate, length_sorted_batches, perplexity, sequence_logps
+from generate import generate, length_sorted_batches, packed_logps, perplexity, sequence_logps
 from losses import macpo_loss, token_logps
 from train import reference_logps
 
@@ -51,7 +53,9 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,small", help="comma-separated, from: " + ", ".join(MODELS))
     p.add_argument("--repeats", type=int, default=3, help="timed runs per candidate (the median is reported)")
-    p.add_argument("--n_score", type=int, default=16, help="pairs scored for perplexity")
+    p.add_argument("--n_score", type=int, default=12, help="prompts scored for perplexity, --k_responses each")
+    p.add_argument("--k_responses", type=int, default=3, help="responses per prompt scored for perplexity, as the "
+                   "MACPO student scores its K teachers' answers: the pair's chosen and rejected, then other pairs' chosen")
     p.add_argument("--n_generate", type=int, default=16, help="prompts for generation")
     p.add_argument("--n_train", type=int, default=4, help="pairs per timed pass of the preference update")
     p.add_argument("--batch_size", type=int, default=8, help="scoring and generation batch size")
@@ -59,7 +63,10 @@ def parse_args():
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--max_length", type=int, default=512, help="prompt + response tokens (pairs that fit are used)")
     p.add_argument("--max_prompt_length", type=int, default=384)
+    p.add_argument("--min_prompt_length", type=int, default=128, help="prompts of a few hundred tokens, as in "
+                   "multi-turn HH dialogues (for scoring and generation)")
     p.add_argument("--train_max_length", type=int, default=256, help="prompt + response tokens in the update")
+    p.add_argument("--only", default="perplexity,generation,update", help="comma-separated sections to run")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/bench/bench.json")
     return p.parse_args()
@@ -80,12 +87,12 @@ def load_pairs():
     return [(render_prompt(e.prompt, "vicuna", **template), e.chosen, e.rejected) for e in examples], source
 
 
-def fitting_pairs(tokenizer, pairs, n, max_length, max_prompt_length, seed):
+def fitting_pairs(tokenizer, pairs, n, max_length, max_prompt_length, seed, min_prompt_length=0):
     """n pairs drawn at random (seeded) among those whose prompt and both responses fit untruncated, so that
     every candidate below sees exactly the same tokens whichever way it encodes them."""
     def fits(p, c, r):
         P = len(tokenizer(p)["input_ids"])
-        return P <= max_prompt_length and all(len(encode(tokenizer, p, x, 10 ** 6)[0]) <= max_length for x in (c, r))
+        return min_prompt_length <= P <= max_prompt_length and all(len(encode(tokenizer, p, x, 10 ** 6)[0]) <= max_length for x in (c, r))
     shuffled = random.Random(seed).sample(pairs, len(pairs))
     out = []
     for pair in shuffled:
@@ -94,6 +101,16 @@ def fitting_pairs(tokenizer, pairs, n, max_length, max_prompt_length, seed):
         if len(out) == n:
             return out
     raise SystemExit(f"only {len(out)} pairs fit --max_length {max_length}; lower --n_score / --n_generate / --n_train")
+
+
+def k_responses_per_prompt(triples, k):
+    """[(prompt, chosen, rejected)] -> k (prompt, response) pairs per prompt, grouped by prompt: its chosen, its
+    rejected, then the chosen of the next triples (real responses, about as long as its own)."""
+    out = []
+    for i, (prompt, chosen, rejected) in enumerate(triples):
+        others = [triples[(i + j) % len(triples)][1] for j in range(1, k - 1)]
+        out += [(prompt, r) for r in ([chosen, rejected] + others)[:k]]
+    return out
 
 
 def build_model(tokenizer, hidden, layers, device, seed=0):
@@ -230,6 +247,14 @@ def batched_perplexity(model, tokenizer, pairs, batch_size, max_length, sort, he
     return out
 
 
+@torch.inference_mode()
+def packed_perplexity(model, tokenizer, pairs, batch_size, max_length, share_prompts):
+    """generate.perplexity with prompt sharing switchable (generate.packed_logps)."""
+    encoded = [encode(tokenizer, p, r, max_length) for p, r in pairs]
+    logps, n = packed_logps(model, encoded, tokenizer.pad_token_id, batch_size, max_length, share_prompts=share_prompts)
+    return torch.exp(-logps / n.clamp(min=1)).tolist()
+
+
 def bench_perplexity(model, tokenizer, pairs, args):
     """-> rows of the perplexity ladder (response tokens/s), after checking every candidate gives the same PPL."""
     kw = dict(batch_size=args.batch_size, max_length=args.max_length)
@@ -239,16 +264,18 @@ def bench_perplexity(model, tokenizer, pairs, args):
             "naive: one pair at a time, model(labels=...)": lambda: naive_perplexity(model, tokenizer, pairs, args.max_length),
             "+ batched (input order, head everywhere)": lambda: batched_perplexity(model, tokenizer, pairs, sort=False, head_everywhere=True, **kw),
             "+ length-sorted batches": lambda: batched_perplexity(model, tokenizer, pairs, sort=True, head_everywhere=True, **kw),
-            "+ LM head only at scored positions = generate.perplexity": lambda: perplexity(model, tokenizer, *zip(*pairs), **kw),
+            "+ LM head only at scored positions": lambda: batched_perplexity(model, tokenizer, pairs, sort=True, head_everywhere=False, **kw),
+            "+ packed rows, batches cut at 10% padding (no sharing)": lambda: packed_perplexity(model, tokenizer, pairs, share_prompts=False, **kw),
+            "+ each prompt run once for its K responses = generate.perplexity": lambda: perplexity(model, tokenizer, *zip(*pairs), **kw),
         }
     reference = naive_perplexity(model, tokenizer, pairs, args.max_length)
-    ours = perplexity(model, tokenizer, *zip(*pairs), **kw)
-    worst = max(abs(a / b - 1) for a, b in zip(ours, reference))
-    assert worst < 1e-3, f"generate.perplexity disagrees with the naive loop by {worst:.2e} (relative)"
+    for ours in (perplexity(model, tokenizer, *zip(*pairs), **kw), packed_perplexity(model, tokenizer, pairs, share_prompts=False, **kw)):
+        worst = max(abs(a / b - 1) for a, b in zip(ours, reference))
+        assert worst < 1e-3, f"generate.perplexity disagrees with the naive loop by {worst:.2e} (relative)"
     encoded = [encode(tokenizer, p, r, args.max_length) for p, r in pairs]
     response_tokens = sum(sum(mask) for _, mask in encoded)
     flops = 2 * matmul_params(model) * sum(len(ids) for ids, _ in encoded)
-    return ladder_rows(ladder(pairs), ladder(pairs[:2]), args.repeats, model.device, response_tokens, flops)
+    return ladder_rows(ladder(pairs), ladder(pairs[:args.k_responses]), args.repeats, model.device, response_tokens, flops)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,12 +429,16 @@ def main():
     pairs, source = load_pairs()
     # an 8k BPE trained on the prompts and responses themselves (models are random: only shapes matter)
     tokenizer = toy.train_tokenizer([t for pair in pairs[:2000] for t in pair], vocab_size=8000)
+    if not Path(HH_TEST).is_file():
+        args.min_prompt_length = 0                      # the toy task's prompts are a few dozen tokens
     print(f"data: {source}; tokenizer: {len(tokenizer)} tokens; device: {device}, {torch.get_num_threads()} threads")
     results = {"source": source, "device": str(device), "threads": torch.get_num_threads(),
                "args": vars(args), "models": {}}
-    score_pairs = [(p, c) for p, c, _ in fitting_pairs(tokenizer, pairs, args.n_score, args.max_length,
-                                                         args.max_prompt_length, seed=1)]
-    prompts = [p for p, _, _ in fitting_pairs(tokenizer, pairs, args.n_generate, args.max_length, args.max_prompt_length, seed=2)]
+    score_pairs = k_responses_per_prompt(fitting_pairs(tokenizer, pairs, args.n_score, args.max_length,
+                                                       args.max_prompt_length, seed=1,
+                                                       min_prompt_length=args.min_prompt_length), args.k_responses)
+    prompts = [p for p, _, _ in fitting_pairs(tokenizer, pairs, args.n_generate, args.max_length, args.max_prompt_length,
+                                              seed=2, min_prompt_length=args.min_prompt_length)]
     train_pairs = fitting_pairs(tokenizer, pairs, args.n_train, args.train_max_length, args.train_max_length // 2, seed=3)
     for name in args.models.split(","):
         hidden, layers = MODELS[name]
@@ -415,17 +446,25 @@ def main():
         print(f"\n=== {name}: hidden {hidden}, {layers} layers, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"parameters ({matmul_params(model) / 1e6:.1f}M in matrix products)")
         r = results["models"][name] = {"hidden": hidden, "layers": layers}
-        r["perplexity"] = bench_perplexity(model, tokenizer, score_pairs, args)
-        print_table(f"perplexity of {len(score_pairs)} HH pairs, batch {args.batch_size}", r["perplexity"], "resp tok/s")
-        r["generation"] = bench_generation(model, tokenizer, prompts, args)
-        print_table(f"generation, {len(prompts)} prompts, batch {args.batch_size}, {args.max_new_tokens} new tokens, sampling",
-                    r["generation"], "new tok/s")
-        r["update"], cache = bench_update(model, tokenizer, train_pairs, args)
-        r.update(cache)
-        print_table(f"MACPO update, {args.n_train} pairs, {args.train_batch_size} per step, max length {args.train_max_length}",
-                    r["update"], "pairs/s", memory=True)
-        print(f"  (caching the reference once costs {cache['reference_cache_pairs_per_s']:.1f} pairs/s of "
-              f"inference, paid once per round instead of on every step of every epoch)")
+        if "perplexity" in args.only:
+            r["perplexity"] = bench_perplexity(model, tokenizer, score_pairs, args)
+            masks = [encode(tokenizer, p, x, args.max_length)[1] for p, x in score_pairs]
+            r["mean_prompt_tokens"] = sum(m.count(0) for m in masks) / len(masks)
+            r["mean_response_tokens"] = sum(m.count(1) for m in masks) / len(masks)
+            print_table(f"perplexity of {args.k_responses} responses to each of {args.n_score} prompts (mean "
+                        f"{r['mean_prompt_tokens']:.0f} + {r['mean_response_tokens']:.0f} tokens), batch {args.batch_size}",
+                        r["perplexity"], "resp tok/s")
+        if "generation" in args.only:
+            r["generation"] = bench_generation(model, tokenizer, prompts, args)
+            print_table(f"generation, {len(prompts)} prompts, batch {args.batch_size}, {args.max_new_tokens} new tokens, "
+                        f"sampling", r["generation"], "new tok/s")
+        if "update" in args.only:
+            r["update"], cache = bench_update(model, tokenizer, train_pairs, args)
+            r.update(cache)
+            print_table(f"MACPO update, {args.n_train} pairs, {args.train_batch_size} per step, max length "
+                        f"{args.train_max_length}", r["update"], "pairs/s", memory=True)
+            print(f"  (caching the reference once costs {cache['reference_cache_pairs_per_s']:.1f} pairs/s of "
+                  f"inference, paid once per round instead of on every step of every epoch)")
     results["trl"] = trl_status()
     print(f"\nTRL DPOTrainer: {results['trl']}")
     results["seconds"] = time.perf_counter() - t_start

@@ -7,6 +7,7 @@
 Prompts are passed already rendered (data.render_prompt); every (prompt, response) pair becomes ids through
 data.encode, the same split the training loss mask uses.
 """
+import bisect
 import inspect
 
 import torch
@@ -55,8 +56,9 @@ class ScoredLM(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, rows, cols):
-        hidden = _backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids, attention_mask, rows, cols, position_ids=None):
+        hidden = _backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                       position_ids=position_ids).last_hidden_state
         return self.model.get_output_embeddings()(hidden[rows, cols])              # [B, T, H] -> [N, V]
 
 
@@ -76,28 +78,153 @@ def length_sorted_batches(lengths, batch_size):
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+def tight_batches(lengths, batch_size, slack=0.1):
+    """Like length_sorted_batches, but a batch also ends where the next item is more than `slack` shorter than
+    the batch's longest, so at most that share of a batch is padding. Scoring only: on a GPU, with thousands of
+    items, batches stay full; on a CPU, where one long row already fills the matrix products, a smaller batch
+    costs nothing. (Generation keeps full batches: each decoding step reads every weight once per batch.)"""
+    batches = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if not batches or len(batches[-1]) == batch_size or lengths[i] < (1 - slack) * lengths[batches[-1][0]]:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
 def _device(model):
     return next(model.parameters()).device
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Scoring many responses to one prompt: the prompt runs through the model once.
+#
+# MACPO scores K responses per prompt (the student's perplexity of each weak teacher's answer) and the reference
+# log-probs of a chosen and a rejected response to one prompt. One pair at a time, the prompt (often most of the
+# tokens) goes through the model K times. Packed, a row holds the prompt once followed by each of its responses,
+# and the attention mask lets a response see the prompt and its own earlier tokens only. Positions restart after
+# the prompt for every response, so each response scores exactly as in its own (prompt, response) sequence.
+# Several prompts share a row when they fit, so rows are nearly full and little compute goes to padding:
+#
+#   tokens     p p p a a b b b q q c      (prompt p with responses a and b; prompt q with response c)
+#   position   0 1 2 3 4 3 4 5 0 1 2
+#   doc        0 0 0 0 0 0 0 0 1 1 1      token i may attend to j <= i when doc[j] == doc[i]
+#   seg        0 0 0 1 1 2 2 2 0 0 1                                   and (seg[j] == 0 or seg[j] == seg[i])
+#
+# A response's first token is predicted from its prompt's last position, the others from the previous token of
+# the same response.
+
+def _packable(model):
+    """Packing passes an additive [B, 1, T, T] mask, which the eager and SDPA attentions take as it is;
+    others (flash-attention-2) get one padded pair per row instead."""
+    return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
+
+
+def pack_rows(encoded, row_tokens, share_prompts=True):
+    """[(input_ids, loss_mask)] pairs -> rows; a row is a list of documents (prompt ids, [(pair index,
+    response ids, response loss mask)]) of at most row_tokens tokens in all. Pairs whose prompt tokens are
+    identical share a document (one whose responses do not fit together is split, the prompt repeated);
+    documents are placed best-fit, longest first. The prompt is what precedes the first scored token.
+    share_prompts=False gives every pair its own document (packing without sharing, for the benchmark)."""
+    row_tokens = max([row_tokens] + [len(ids) for ids, _ in encoded])
+    by_prompt = {}
+    for i, (ids, mask) in enumerate(encoded):
+        p = mask.index(1) if 1 in mask else len(ids)
+        key = tuple(ids[:p]) if share_prompts else i
+        by_prompt.setdefault(key, (ids[:p], []))[1].append((i, ids[p:], mask[p:]))
+    docs = []                                                       # [(length, prompt, responses)]
+    for prompt, responses in by_prompt.values():
+        for i, response, mask in responses:
+            if not docs or docs[-1][1] is not prompt or docs[-1][0] + len(response) > row_tokens:
+                docs.append([len(prompt), prompt, []])
+            docs[-1][0] += len(response)
+            docs[-1][2].append((i, response, mask))
+    rows, free = [], []                                             # free: sorted [(tokens left, row index)]
+    for n, prompt, responses in sorted(docs, key=lambda d: -d[0]):
+        k = bisect.bisect_left(free, (n, -1))                       # the fullest row it still fits in
+        left, r = free.pop(k) if k < len(free) else (row_tokens, len(rows))
+        if r == len(rows):
+            rows.append([])
+        rows[r].append((list(prompt), responses))
+        bisect.insort(free, (left - n, r))
+    return rows
+
+
+def packed_batch(rows, pad_id, dtype=torch.float32):
+    """Packed rows -> a batch: input_ids, position_ids [B, T]; attention_mask [B, 1, T, T] additive (0 where a
+    token may attend, dtype's minimum where not); and the scored tokens as four [N] tensors: row, the column
+    that predicts it, its id, its pair index. Padding attends to itself only (a row of -inf gives NaN)."""
+    T = max(sum(len(p) + sum(len(r) for _, r, _ in rs) for p, rs in row) for row in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    doc = -1 - torch.arange(T).repeat(len(rows), 1)                # padding: a document per position
+    seg = torch.zeros((len(rows), T), dtype=torch.long)
+    scored = []                                                     # (row, column, target, pair)
+    for b, row in enumerate(rows):
+        start = 0
+        for d, (prompt, responses) in enumerate(row):
+            P, end = len(prompt), start + len(prompt)
+            input_ids[b, start:end] = torch.tensor(prompt, dtype=torch.long)
+            position_ids[b, start:end] = torch.arange(P)
+            doc[b, start:end] = d
+            for k, (i, response, mask) in enumerate(responses, 1):
+                R = len(response)
+                input_ids[b, end:end + R] = torch.tensor(response, dtype=torch.long)
+                position_ids[b, end:end + R] = torch.arange(P, P + R)
+                doc[b, end:end + R], seg[b, end:end + R] = d, k
+                scored += [(b, end + j - 1 if j else start + P - 1, response[j], i)
+                           for j in range(R) if mask[j] and (j or P)]
+                end += R
+            start = end
+    allowed = (torch.ones(T, T, dtype=torch.bool).tril() & (doc[:, :, None] == doc[:, None, :])
+               & ((seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :])))            # [B, T, T]
+    attention_mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    rows_, cols, targets, pairs = torch.tensor(scored, dtype=torch.long).reshape(-1, 4).unbind(1)
+    return input_ids, position_ids, attention_mask[:, None], rows_, cols, targets, pairs
+
+
 @torch.inference_mode()
+def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progress=False, desc="scoring",
+                 share_prompts=True):
+    """Summed log-probs of the loss-masked tokens of each encoded pair and their count: (logps [N] float32,
+    n_tokens [N] long) on the CPU, in input order, from packed rows (above) of at most row_tokens tokens,
+    at most batch_size rows at a time (tight_batches). Equal to sequence_logps on each pair alone, without re-running shared prompts."""
+    device, dtype = _device(model), next(model.parameters()).dtype
+    pack = _packable(model)
+    rows = pack_rows(encoded, row_tokens, share_prompts) if pack else [[i] for i in range(len(encoded))]
+    lengths = [sum(len(p) + sum(len(r) for _, r, _ in rs) for p, rs in row) for row in rows] if pack else \
+        [len(ids) for ids, _ in encoded]
+    done = []
+    # with several processes each rank scores its share of the batches; gather restores the input order
+    for idx in tqdm(parallel.mine(tight_batches(lengths, batch_size)), desc=desc, disable=not progress, leave=False):
+        if pack:
+            input_ids, position_ids, mask, rows_, cols, targets, pairs = packed_batch([rows[r] for r in idx], pad_id, dtype)
+            logits = ScoredLM(model)(input_ids.to(device), mask.to(device), rows_.to(device), cols.to(device),
+                                     position_ids.to(device))
+            ids, local = pairs.unique(return_inverse=True)          # the pairs in this batch, sorted
+            logps = torch.zeros(len(ids), device=device).index_add_(0, local.to(device),
+                                                                    token_logps(logits, targets.to(device)))
+            n = torch.bincount(local, minlength=len(ids))
+        else:
+            ids = torch.tensor([rows[r][0] for r in idx])
+            b = collate([encoded[i] for i in ids.tolist()], pad_id)
+            logps, n = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
+        done += zip(ids.tolist(), zip(logps.float().cpu().tolist(), n.tolist()))    # one sync per batch
+    # pairs with no scored token are in no row: log-prob 0 over 0 tokens
+    scores = dict(parallel.gather(done))
+    logps, n = zip(*[scores.get(i, (0.0, 0)) for i in range(len(encoded))]) if encoded else ((), ())
+    return torch.tensor(logps, dtype=torch.float32), torch.tensor(n, dtype=torch.long)
+
+
 def perplexity(model, tokenizer, prompts, responses, batch_size=32, max_length=1024, max_prompt_length=None,
                progress=False):
     """PPL(response | prompt) = exp(-(1/|y|) sum_t log p(y_t | x, y_<t)) for each pair, in input order.
-    The response's tokens are the ones data.encode puts in the loss mask (response + EOS)."""
+    The response's tokens are the ones data.encode puts in the loss mask (response + EOS). The responses to one
+    prompt are scored against one pass of it (packed_logps)."""
     assert len(prompts) == len(responses)
-    device = _device(model)
     encoded = [encode(tokenizer, p, r, max_length, max_prompt_length) for p, r in zip(prompts, responses)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    done = []
-    batches = length_sorted_batches([len(ids) for ids, _ in encoded], batch_size)
-    # with several processes each rank scores its share of the batches; gather restores the input order
-    for idx in tqdm(parallel.mine(batches), desc="perplexity", disable=not progress, leave=False):
-        batch = collate([encoded[i] for i in idx], pad_id)
-        logps, n = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                  batch["loss_mask"])
-        done += zip(idx, torch.exp(-logps / n.clamp(min=1)).tolist())      # one sync per batch
-    return [v for _, v in parallel.gather(done)]
+    logps, n = packed_logps(model, encoded, pad_id, batch_size, max_length, progress, desc="perplexity")
+    return torch.exp(-logps / n.clamp(min=1)).tolist()
 
 
 def _sample(logits, temperature, top_p, generator):

@@ -16,7 +16,7 @@ import lora
 import parallel
 
 from data import collate, collate_pairs, encode
-from generate import ScoredLM, length_sorted_batches, scored_logits, sequence_logps
+from generate import ScoredLM, packed_logps, scored_logits, sequence_logps
 from losses import confident_loss, macpo_loss, sft_loss
 
 
@@ -143,18 +143,11 @@ def _pad_id(tokenizer):
 @torch.inference_mode()
 def reference_logps(model, tokenizer, rows, batch_size=32, max_length=1024, max_prompt_length=None):
     """Summed log-probs of every chosen and rejected response under the reference model: two [N] float32
-    tensors on the CPU. Computed once before the update, so the reference model need not stay in memory."""
+    tensors on the CPU. Computed once before the update, so the reference model need not stay in memory.
+    A chosen and a rejected response to one prompt are scored against one pass of it (packed_logps)."""
     chosen, rejected = _encode_rows(tokenizer, rows, max_length, max_prompt_length)
-    device = next(model.parameters()).device
-    out = []
-    for encoded in (chosen, rejected):
-        done = []
-        for idx in parallel.mine(length_sorted_batches([len(ids) for ids, _ in encoded], batch_size)):
-            b = collate([encoded[i] for i in idx], _pad_id(tokenizer))
-            logps, _ = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
-            done += zip(idx, logps.float().cpu().tolist())
-        out.append(torch.tensor([v for _, v in parallel.gather(done)]))
-    return out[0], out[1]
+    logps, _ = packed_logps(model, chosen + rejected, _pad_id(tokenizer), batch_size, max_length)
+    return logps[:len(chosen)], logps[len(chosen):]
 
 
 def _bucketed_batches(lengths, batch_size, generator, window=16):

@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_model
 from data import collate, encode
-from generate import generate, perplexity, sequence_logps
+from generate import generate, pack_rows, packed_logps, perplexity, sequence_logps, tight_batches
 
 PROMPTS = ["USER: What is 12 + 30? ASSISTANT:", "USER: hello ASSISTANT:",
            "A chat between a curious user and an artificial intelligence assistant. USER: How do I pick a lock? ASSISTANT:"]
@@ -79,6 +79,61 @@ def test_perplexity_matches_one_pair_at_a_time_in_input_order(model, tokenizer):
     for p, r, got in zip(prompts, responses, ppl):
         logp, n = reference_logps(model, *encode(tokenizer, p, r, 128))
         assert got == pytest.approx(math.exp(-logp / n), rel=1e-4)
+
+
+# K responses per prompt, as MACPO scores them: prompts repeat, and one of them has four responses
+SHARED_PROMPTS = PROMPTS * 3 + [PROMPTS[0], "hello"]
+SHARED_RESPONSES = RESPONSES + RESPONSES[::-1] + [r + " again" for r in RESPONSES] + ["42", "world"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("row_tokens", [1, 40, 128, 10_000])
+def test_packed_logps_equal_one_pair_at_a_time(tokenizer, attention, row_tokens):
+    # row_tokens 1: one document per row (a split at every response); 40: a prompt's responses split over
+    # rows; 128 and more: several prompts, each with all of its responses, in one row
+    m = make_model(tokenizer, seed=1)
+    m.config._attn_implementation = attention
+    encoded = [encode(tokenizer, p, r, 128) for p, r in zip(SHARED_PROMPTS, SHARED_RESPONSES)]
+    logps, n = packed_logps(m, encoded, tokenizer.pad_token_id, batch_size=3, row_tokens=row_tokens)
+    for i, (ids, mask) in enumerate(encoded):
+        ref, ref_n = reference_logps(m, ids, mask)
+        assert logps[i].item() == pytest.approx(ref, abs=1e-4) and n[i].item() == ref_n
+
+
+def test_pack_rows_runs_each_prompt_once(tokenizer):
+    encoded = [encode(tokenizer, p, r, 128) for p, r in zip(SHARED_PROMPTS, SHARED_RESPONSES)]
+    rows = pack_rows(encoded, 10_000)
+    assert len(rows) == 1
+    placed = sorted(i for row in rows for _, responses in row for i, _, _ in responses)
+    assert placed == list(range(len(encoded)))                   # every pair exactly once
+    # tokens in the row: each distinct prompt once plus every response (counted from the prompt strings)
+    prompt_tokens = sum(len(tokenizer(p)["input_ids"]) for p in set(SHARED_PROMPTS))
+    response_tokens = sum(sum(mask) for _, mask in encoded)
+    packed = sum(len(prompt) + sum(len(r) for _, r, _ in responses) for row in rows for prompt, responses in row)
+    assert packed == prompt_tokens + response_tokens < sum(len(ids) for ids, _ in encoded)
+    # a budget below a prompt and its responses splits the prompt's document, repeating the prompt; the budget
+    # is raised to the longest pair, so that every pair fits somewhere
+    longest = max(len(ids) for ids, _ in encoded)
+    small = pack_rows(encoded, 1)
+    assert all(sum(len(p) + sum(len(r) for _, r, _ in rs) for p, rs in row) <= longest for row in small)
+    assert sum(len(row) for row in small) > len(set(SHARED_PROMPTS))
+
+
+def test_tight_batches_bound_padding_and_batch_size():
+    lengths = [50, 100, 10, 89, 48, 95, 49, 47]
+    # by hand, longest first: 100 95 | 89 (below 0.9 x 100) | 50 49 48 (full at 3) | 47 | 10
+    assert tight_batches(lengths, batch_size=3, slack=0.1) == [[1, 5], [3], [0, 6, 4], [7], [2]]
+    # with no slack limit it is plain length-sorted batching
+    assert tight_batches(lengths, batch_size=3, slack=1.0) == [[1, 5, 3], [0, 6, 4], [7, 2]]
+
+
+def test_reference_logps_of_chosen_and_rejected_equal_one_at_a_time(model, tokenizer):
+    from train import reference_logps as train_reference_logps
+    rows = list(zip(SHARED_PROMPTS[:4], SHARED_RESPONSES[:4], SHARED_RESPONSES[4:8]))
+    chosen, rejected = train_reference_logps(model, tokenizer, rows, batch_size=2, max_length=128)
+    for (p, c, r), got_c, got_r in zip(rows, chosen.tolist(), rejected.tolist()):
+        assert got_c == pytest.approx(reference_logps(model, *encode(tokenizer, p, c, 128))[0], abs=1e-4)
+        assert got_r == pytest.approx(reference_logps(model, *encode(tokenizer, p, r, 128))[0], abs=1e-4)
 
 
 def reference_greedy(model, tokenizer, prompt, max_new_tokens):
