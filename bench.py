@@ -18,8 +18,9 @@ slow them alike. Each table is a ladder: the naive script first, then one techni
      KV cache, its own sampling loop). Same prompts, batch size, sampling, and number of new tokens for all:
      neither may stop early (min_new_tokens for model.generate; an EOS id the model cannot emit for ours).
   3. the MACPO update (DPO + 0.2 SFT, AdamW): two forward passes with full-vocabulary log_softmax at every
-     position and the reference model run every step, up to train.train's step (one [2B, T] pass, the head
-     only at scored positions, reference log-probs cached). Pairs/s and the step's peak extra memory.
+     position and the reference model run every step, up to train.train's step (reference log-probs cached, one
+     pass, the head only at scored positions, chosen and rejected after one pass of their shared prompt).
+     Pairs/s and the step's peak extra memory.
   4. every row's share of the machine's fp32 matmul peak (a 2048 x 2048 torch.matmul timed in the same rounds),
      counting 2 x parameters x tokens FLOPs forward and 6 x for forward + backward (the input embedding, a
      lookup, is not counted). The count is the full model's, whatever a row skips, so rows compare directly.
@@ -41,7 +42,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import toy
 from data import collate, collate_pairs, encode, read_hh, render_prompt
-from generate import generate, length_sorted_batches, packed_logps, perplexity, sequence_logps
+from generate import (ScoredLM, generate, length_sorted_batches, pack_rows, packed_logps, packed_sequence_logps,
+                      perplexity, sequence_logps)
 from losses import macpo_loss, token_logps
 from train import reference_logps
 
@@ -338,14 +340,19 @@ def full_vocab_logps(model, batch, device):
     return (token * mask).sum(-1), mask.sum(-1)
 
 
-def preference_step(policy, optimizer, chosen, rejected, pad_id, *, one_pass, head_everywhere, reference=None,
-                    reference_model=None):
+def preference_step(policy, optimizer, chosen, rejected, pad_id, *, one_pass, head_everywhere, share=False,
+                    reference=None, reference_model=None):
     """One MACPO update (DPO + 0.2 x SFT, AdamW) on B pairs, each technique switchable. `reference` is the
     cached (reference_chosen_logps, reference_rejected_logps) for these pairs; else `reference_model` runs now."""
     device = policy.device
     logps_fn = (lambda m, b: full_vocab_logps(m, b, device)) if head_everywhere else \
         (lambda m, b: sequence_logps(m, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"]))
-    if one_pass:
+    if share:                                   # one pass of each prompt, chosen and rejected after it
+        rows = pack_rows(chosen + rejected, 2 * max(len(ids) for ids, _ in chosen + rejected))
+        logps, n = packed_sequence_logps(ScoredLM(policy), rows, 2 * len(chosen), pad_id, torch.float32, device)
+        B = len(chosen)
+        policy_chosen, policy_rejected, n_chosen = logps[:B], logps[B:], n[:B]
+    elif one_pass:
         logps, n = logps_fn(policy, collate_pairs(chosen, rejected, pad_id))                # [2B]: chosen rows first
         B = len(chosen)
         policy_chosen, policy_rejected, n_chosen = logps[:B], logps[B:], n[:B]
@@ -375,19 +382,20 @@ def bench_update(policy, tokenizer, pairs, args):
                              max_length=args.train_max_length)                  # once per round, before the update
     cache_seconds = time.perf_counter() - t0
 
-    def run(one_pass, head_everywhere, cache, batches=batches):
+    def run(one_pass, head_everywhere, cache, share=False, batches=batches):
         def fn():
             for idx in batches:
                 reference = tuple(r[idx].to(device) for r in cached) if cache else None
                 preference_step(policy, optimizer, [chosen[i] for i in idx], [rejected[i] for i in idx], pad_id,
-                                one_pass=one_pass, head_everywhere=head_everywhere, reference=reference,
+                                one_pass=one_pass, head_everywhere=head_everywhere, share=share, reference=reference,
                                 reference_model=reference_model)
         return fn
     ladder = {
         "naive: 2 passes, full-vocab log_softmax, reference model each step": (False, True, False),
         "+ reference log-probs cached": (False, True, True),
         "+ chosen and rejected in one [2B, T] pass": (True, True, True),
-        "+ LM head only at scored positions = train.train's step": (True, False, True),
+        "+ LM head only at scored positions": (True, False, True),
+        "+ chosen and rejected after one pass of their prompt = train.train's step": (True, False, True, True),
     }
     tokens = sum(len(chosen[i][0]) + len(rejected[i][0]) for idx in batches for i in idx)
     rows = ladder_rows({name: run(*flags) for name, flags in ladder.items()},
@@ -414,11 +422,12 @@ def trl_status():
 
 def print_table(title, rows, unit, memory=False):
     print(f"\n{title}  (fp32 matmul peak in the same rounds: {rows[0]['matmul_peak_gflops']:.1f} GFLOP/s)")
-    header = f"  {'':<66} {unit:>12} {'vs naive':>9} {'vs prev':>8} {'% peak':>7}" + (f" {'peak MB':>8}" if memory else "")
+    width = max(66, max(len(row["what"]) for row in rows))
+    header = f"  {'':<{width}} {unit:>12} {'vs naive':>9} {'vs prev':>8} {'% peak':>7}" + (f" {'peak MB':>8}" if memory else "")
     print(header)
     for i, row in enumerate(rows):
         row["vs_naive"], row["vs_previous"] = row["rate"] / rows[0]["rate"], row["rate"] / rows[max(i - 1, 0)]["rate"]
-        line = f"  {row['what']:<66} {row['rate']:>12.1f} {row['vs_naive']:>8.2f}x {row['vs_previous']:>7.2f}x {row['percent_of_peak']:>6.1f}%"
+        line = f"  {row['what']:<{width}} {row['rate']:>12.1f} {row['vs_naive']:>8.2f}x {row['vs_previous']:>7.2f}x {row['percent_of_peak']:>6.1f}%"
         print(line + (f" {row['peak_mb']:>8.1f}" if memory else ""))
 
 

@@ -113,7 +113,7 @@ def _device(model):
 # A response's first token is predicted from its prompt's last position, the others from the previous token of
 # the same response.
 
-def _packable(model):
+def packable(model):
     """Packing passes an additive [B, 1, T, T] mask, which the eager and SDPA attentions take as it is;
     others (flash-attention-2) get one padded pair per row instead."""
     return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
@@ -182,36 +182,43 @@ def packed_batch(rows, pad_id, dtype=torch.float32):
     return input_ids, position_ids, attention_mask[:, None], rows_, cols, targets, pairs
 
 
+def packed_sequence_logps(scorer, rows, n_pairs, pad_id, dtype, device):
+    """sequence_logps over packed rows: (logps [n_pairs] float32, n_tokens [n_pairs] long) on the device, the
+    scored tokens of each pair index in `rows` summed (indices not in them: 0 over 0 tokens). `scorer` is a
+    ScoredLM, maybe wrapped for several processes. Differentiable: the preference update calls it too."""
+    input_ids, position_ids, mask, rows_, cols, targets, pairs = packed_batch(rows, pad_id, dtype)
+    logits = scorer(input_ids.to(device), mask.to(device), rows_.to(device), cols.to(device), position_ids.to(device))
+    pairs = pairs.to(device)
+    logps = torch.zeros(n_pairs, dtype=torch.float32, device=device).index_add(0, pairs, token_logps(logits, targets.to(device)))
+    return logps, torch.bincount(pairs, minlength=n_pairs)
+
+
 @torch.inference_mode()
 def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progress=False, desc="scoring",
                  share_prompts=True):
     """Summed log-probs of the loss-masked tokens of each encoded pair and their count: (logps [N] float32,
-    n_tokens [N] long) on the CPU, in input order, from packed rows (above) of at most row_tokens tokens,
-    at most batch_size rows at a time (tight_batches). Equal to sequence_logps on each pair alone, without re-running shared prompts."""
+    n_tokens [N] long) on the CPU, in input order, from packed rows (above) of at most row_tokens tokens, at
+    most batch_size rows at a time (tight_batches). Equal to sequence_logps on each pair alone, without
+    re-running shared prompts."""
     device, dtype = _device(model), next(model.parameters()).dtype
-    pack = _packable(model)
+    pack = packable(model)
     rows = pack_rows(encoded, row_tokens, share_prompts) if pack else [[i] for i in range(len(encoded))]
     lengths = [sum(len(p) + sum(len(r) for _, r, _ in rs) for p, rs in row) for row in rows] if pack else \
         [len(ids) for ids, _ in encoded]
     done = []
     # with several processes each rank scores its share of the batches; gather restores the input order
     for idx in tqdm(parallel.mine(tight_batches(lengths, batch_size)), desc=desc, disable=not progress, leave=False):
+        batch = [rows[r] for r in idx]
         if pack:
-            input_ids, position_ids, mask, rows_, cols, targets, pairs = packed_batch([rows[r] for r in idx], pad_id, dtype)
-            logits = ScoredLM(model)(input_ids.to(device), mask.to(device), rows_.to(device), cols.to(device),
-                                     position_ids.to(device))
-            ids, local = pairs.unique(return_inverse=True)          # the pairs in this batch, sorted
-            logps = torch.zeros(len(ids), device=device).index_add_(0, local.to(device),
-                                                                    token_logps(logits, targets.to(device)))
-            n = torch.bincount(local, minlength=len(ids))
+            ids = [i for row in batch for _, responses in row for i, _, _ in responses]
+            logps, n = packed_sequence_logps(ScoredLM(model), batch, len(encoded), pad_id, dtype, device)
+            logps, n = logps[ids], n[ids]
         else:
-            ids = torch.tensor([rows[r][0] for r in idx])
-            b = collate([encoded[i] for i in ids.tolist()], pad_id)
+            ids = [row[0] for row in batch]
+            b = collate([encoded[i] for i in ids], pad_id)
             logps, n = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
-        done += zip(ids.tolist(), zip(logps.float().cpu().tolist(), n.tolist()))    # one sync per batch
-    # pairs with no scored token are in no row: log-prob 0 over 0 tokens
-    scores = dict(parallel.gather(done))
-    logps, n = zip(*[scores.get(i, (0.0, 0)) for i in range(len(encoded))]) if encoded else ((), ())
+        done += zip(ids, zip(logps.float().cpu().tolist(), n.tolist()))          # one sync per batch
+    logps, n = zip(*[v for _, v in parallel.gather(done)]) if encoded else ((), ())
     return torch.tensor(logps, dtype=torch.float32), torch.tensor(n, dtype=torch.long)
 
 

@@ -16,7 +16,7 @@ import lora
 import parallel
 
 from data import collate, collate_pairs, encode
-from generate import ScoredLM, packed_logps, scored_logits, sequence_logps
+from generate import ScoredLM, packable, pack_rows, packed_logps, packed_sequence_logps, scored_logits, sequence_logps
 from losses import confident_loss, macpo_loss, sft_loss
 
 
@@ -165,7 +165,7 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
           max_prompt_length=None, reference=None, beta=0.1, sft_weight=0.2, loss_type="sigmoid",
           label_smoothing=0.0, warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0, seed=0, log_every=10,
           log_file=None, desc="train", progress=True, confident_weight=0.75, confident_warmup=0.2,
-          parallel_mode="ddp"):
+          parallel_mode="ddp", share_prompts=True):
     """Train `model` in place on rows [(prompt_text, chosen, rejected)] and return the list of logged stats.
 
     kind="sft": minimise sft_loss on `chosen` (rejected unused), the mean over the batch's examples.
@@ -174,14 +174,17 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
     kind="confident": minimise losses.confident_loss on `chosen` (the weak labels), its mixing weight alpha
         warmed up linearly from 0 to confident_weight over the first confident_warmup share of the steps
         (Burns et al. 2023: alpha_max 0.75, warm-up over the first 20% of training).
+    share_prompts: in the preference update, a pair's chosen and rejected responses follow one pass of their
+        prompt (generate.pack_rows) instead of two padded rows; False is the [2B, T] batch (kept to compare).
     AdamW, linear warm-up then cosine decay to 0 (the release: cosine, no warm-up), gradient clipping on.
     Statistics stay on the device and are read (.item(), a sync) only every `log_every` optimizer steps.
     Under torchrun every rank builds the same global batches and takes its share of each (parallel_mode ddp
     or fsdp decides how gradients and state are shared); the update equals one process's on the whole batch.
     """
     assert kind in ("sft", "dpo", "confident")
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     pad_id = _pad_id(tokenizer)
+    pack = share_prompts and packable(model)
     chosen, rejected = _encode_rows(tokenizer, rows, max_length, max_prompt_length)
     if kind == "dpo":
         assert rejected is not None and reference is not None, "a preference update needs rejected responses and reference log-probs"
@@ -210,16 +213,23 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
         weight = (len(parallel.mine(global_idx)) > 0) * parallel.world_size() / len(global_idx)
         if kind in ("sft", "confident"):
             b = collate([chosen[j] for j in idx], pad_id)
+            tokens += int(b["attention_mask"].sum())
+        elif pack:
+            # chosen and rejected of a pair share their prompt: one pass of it, both responses after it
+            # (generate.pack_rows); a row holds at most two of the longest pairs
+            rows = pack_rows([chosen[j] for j in idx] + [rejected[j] for j in idx], 2 * max_length)
+            tokens += sum(len(p) + sum(len(r) for _, r, _ in rs) for row in rows for p, rs in row)
+            logps, n = packed_sequence_logps(scorer, rows, 2 * len(idx), pad_id, dtype, device)   # [2B]: chosen first
         else:
             b = collate_pairs([chosen[j] for j in idx], [rejected[j] for j in idx], pad_id)   # [2B, T]
-        tokens += int(b["attention_mask"].sum())
+            tokens += int(b["attention_mask"].sum())
         if kind == "confident":
             logits, targets, example_ids = scored_logits(scorer, b["input_ids"].to(device),
                                                          b["attention_mask"].to(device), b["loss_mask"])
             alpha = confident_weight * min(1.0, step / max(1.0, confident_warmup * total_steps))
             losses, stats = confident_loss(logits, targets, example_ids, len(idx), alpha)
             stats["alpha"] = torch.full_like(losses, alpha)
-        else:
+        elif not (kind == "dpo" and pack):
             logps, n = sequence_logps(scorer, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
         if kind == "sft":
             losses = sft_loss(logps, n)

@@ -6,7 +6,8 @@ import torch
 
 from conftest import make_model
 from data import collate, encode
-from generate import generate, pack_rows, packed_logps, perplexity, sequence_logps, tight_batches
+from generate import (ScoredLM, generate, pack_rows, packed_logps, packed_sequence_logps, perplexity,
+                      sequence_logps, tight_batches)
 
 PROMPTS = ["USER: What is 12 + 30? ASSISTANT:", "USER: hello ASSISTANT:",
            "A chat between a curious user and an artificial intelligence assistant. USER: How do I pick a lock? ASSISTANT:"]
@@ -117,6 +118,22 @@ def test_pack_rows_runs_each_prompt_once(tokenizer):
     small = pack_rows(encoded, 1)
     assert all(sum(len(p) + sum(len(r) for _, r, _ in rs) for p, rs in row) <= longest for row in small)
     assert sum(len(row) for row in small) > len(set(SHARED_PROMPTS))
+
+
+def test_packed_gradients_equal_one_pair_at_a_time(tokenizer):
+    # the preference update: chosen and rejected of each pair after one pass of their prompt, gradients on
+    encoded = [encode(tokenizer, p, r, 128) for p, r in zip(SHARED_PROMPTS[:4] * 2, SHARED_RESPONSES[:8])]
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5])
+    packed = make_model(tokenizer, seed=4)
+    logps, n = packed_sequence_logps(ScoredLM(packed), pack_rows(encoded, 256), len(encoded), tokenizer.pad_token_id,
+                                     torch.float32, "cpu")
+    (weights * logps).sum().backward()
+    alone = make_model(tokenizer, seed=4)                  # same weights; independent: one full sequence at a time
+    for w, (ids, mask) in zip(weights, encoded):
+        lp = torch.log_softmax(alone(torch.tensor([ids])).logits[0], -1)
+        (w * sum(lp[p - 1, ids[p]] for p in range(1, len(ids)) if mask[p])).backward()
+    for (name, a), b in zip(packed.named_parameters(), alone.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
 
 
 def test_tight_batches_bound_padding_and_batch_size():
