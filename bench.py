@@ -68,7 +68,8 @@ def parse_args():
     p.add_argument("--min_prompt_length", type=int, default=128, help="prompts of a few hundred tokens, as in "
                    "multi-turn HH dialogues (for scoring and generation)")
     p.add_argument("--train_max_length", type=int, default=256, help="prompt + response tokens in the update")
-    p.add_argument("--only", default="perplexity,generation,update", help="comma-separated sections to run")
+    p.add_argument("--only", default="perplexity,generation,update,trl", help="comma-separated sections to run "
+                   "(trl: TRL's DPOTrainer against train.train, where trl is installed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/bench/bench.json")
     return p.parse_args()
@@ -410,12 +411,108 @@ def bench_update(policy, tokenizer, pairs, args):
 # ---------------------------------------------------------------------------------------------------------
 # 4. TRL, when installed (it is not a dependency).
 
-def trl_status():
+class StepMeter:
+    """Per-step wall time and peak extra memory (over the memory at the step's start), for loops we do not own:
+    step_begin() / step_end() around each step, a thread sampling the RSS every millisecond (CUDA: the
+    allocator's counters)."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.peak_mb = device, [], []
+        self.cuda = str(device).startswith("cuda")
+
+    def step_begin(self):
+        sync(self.device)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            return_freed_memory_to_os()
+            self.before, self.peak, self.done = _rss_bytes(), _rss_bytes(), threading.Event()
+
+            def sample():
+                while not self.done.is_set():
+                    self.peak = max(self.peak, _rss_bytes())
+                    time.sleep(0.001)
+            self.thread = threading.Thread(target=sample)
+            self.thread.start()
+        self.t0 = time.perf_counter()
+
+    def step_end(self):
+        sync(self.device)
+        self.seconds.append(time.perf_counter() - self.t0)
+        if self.cuda:
+            self.peak_mb.append((torch.cuda.max_memory_allocated() - self.before) / 2 ** 20)
+        else:
+            self.done.set()
+            self.thread.join()
+            self.peak_mb.append((max(self.peak, _rss_bytes()) - self.before) / 2 ** 20)
+
+    def row(self, what, pairs_per_step):
+        """Median over the steps after the first (the first allocates the optimizer state)."""
+        s, m = statistics.median(self.seconds[1:]), max(self.peak_mb[1:])
+        return {"what": what, "seconds_per_step": s, "rate": pairs_per_step / s, "peak_mb": m, "steps": len(self.seconds) - 1}
+
+
+def bench_trl(policy, tokenizer, pairs, args):
+    """TRL's DPOTrainer (DPO + 0.2 x SFT: loss_type ["sigmoid", "sft"], weights [1, 0.2]; reference log-probs
+    precomputed; no padding-free) against train.train's step, back to back in this process on the same pairs,
+    batch size, fresh copies of the same weights and learning rate; per-step medians and peaks from StepMeter.
+    -> rows, or a string saying why it was skipped."""
     try:
         import trl
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from trl import DPOConfig, DPOTrainer
     except ImportError:
-        return "skipped: trl is not importable (it is not a dependency of macpo)"
-    return f"skipped: trl {trl.__version__} is importable but its DPOTrainer step is not wired into this benchmark"
+        return "skipped: trl (with datasets) is not importable; it is not a dependency of macpo. To measure it: " \
+               "python -m venv /tmp/trl && /tmp/trl/bin/pip install -r requirements.txt trl && /tmp/trl/bin/python bench.py"
+    import tempfile
+    from train import reference_logps, train
+    B, device = args.train_batch_size, policy.device
+    steps = (args.repeats + 1) * (len(pairs) // B)
+    rows = [(p, c, r) for p, c, r in pairs][:len(pairs) // B * B]
+    trl_meter, ours_meter = StepMeter(device), StepMeter(device)
+
+    class Meter(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            trl_meter.step_begin()
+
+        def on_step_end(self, *a, **k):
+            trl_meter.step_end()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = DPOConfig(output_dir=tmp, per_device_train_batch_size=B, gradient_accumulation_steps=1,
+                           max_steps=steps, learning_rate=1e-9, beta=0.1, loss_type=["sigmoid", "sft"],
+                           loss_weights=[1.0, 0.2], precompute_ref_log_probs=True, max_length=args.train_max_length,
+                           report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                           use_cpu=not str(device).startswith("cuda"), bf16=False, dataloader_num_workers=0,
+                           lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0)
+        data = Dataset.from_dict({"prompt": [p for p, _, _ in rows], "chosen": [c for _, c, _ in rows],
+                                  "rejected": [r for _, _, r in rows]})
+        trainer = DPOTrainer(model=copy.deepcopy(policy).train(), ref_model=copy.deepcopy(policy).eval(), args=config,
+                             train_dataset=data, processing_class=tokenizer, callbacks=[Meter()])
+        trainer.train()
+    # ours: the same pairs and steps through train.train, timed per optimizer step by the same meter
+    model = copy.deepcopy(policy)
+    reference = reference_logps(model, tokenizer, rows, max_length=args.train_max_length)
+
+    class Timed(torch.optim.AdamW):
+        def step(self, *a, **k):
+            out = super().step(*a, **k)
+            ours_meter.step_end()
+            ours_meter.step_begin()
+            return out
+    ours_meter.step_begin()
+    real_adamw, torch.optim.AdamW = torch.optim.AdamW, Timed      # train() builds its own AdamW
+    try:
+        train(model, tokenizer, rows * (args.repeats + 1), kind="dpo", epochs=1, lr=1e-9, batch_size=B,
+              max_length=args.train_max_length, reference=tuple(r.repeat(args.repeats + 1) for r in reference),
+              progress=False, grad_clip=1.0, log_every=10 ** 9)
+    finally:
+        torch.optim.AdamW = real_adamw
+    ours_meter.step_end()
+    ours_meter.seconds, ours_meter.peak_mb = ours_meter.seconds[:-1], ours_meter.peak_mb[:-1]
+    return [trl_meter.row(f"TRL {trl.__version__} DPOTrainer (sigmoid + 0.2 sft, reference precomputed)", B),
+            ours_meter.row("macpo train.train (kind='dpo')", B)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -474,8 +571,17 @@ def main():
                         f"{args.train_max_length}", r["update"], "pairs/s", memory=True)
             print(f"  (caching the reference once costs {cache['reference_cache_pairs_per_s']:.1f} pairs/s of "
                   f"inference, paid once per round instead of on every step of every epoch)")
-    results["trl"] = trl_status()
-    print(f"\nTRL DPOTrainer: {results['trl']}")
+    if "trl" in args.only:
+        model = build_model(tokenizer, *MODELS[args.models.split(",")[-1]], device)
+        results["trl"] = bench_trl(model, tokenizer, train_pairs, args)
+        if isinstance(results["trl"], str):
+            print(f"\nTRL DPOTrainer: {results['trl']}")
+        else:
+            print(f"\nMACPO update against TRL's DPOTrainer, {args.models.split(',')[-1]} model, {args.train_batch_size} "
+                  f"pairs per step, max length {args.train_max_length}, median of {results['trl'][0]['steps']} steps each")
+            for row in results["trl"]:
+                row["vs_trl"] = row["rate"] / results["trl"][0]["rate"]
+                print(f"  {row['what']:<66} {row['rate']:>8.1f} pairs/s {row['vs_trl']:>6.2f}x {row['peak_mb']:>8.1f} MB peak")
     results["seconds"] = time.perf_counter() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
