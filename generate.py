@@ -1,11 +1,13 @@
 """Running models over text: batched sequence log-probs, perplexity scoring and sampling.
 
-    logps, n_tokens = sequence_logps(model, input_ids, attention_mask, loss_mask)   # training and scoring
+    logps, n_tokens = sequence_logps(model, input_ids, attention_mask, loss_mask)   # one padded batch
+    logps, n_tokens = packed_logps(model, encoded_pairs, pad_id)                    # many pairs, prompts shared
     ppl = perplexity(model, tokenizer, prompts, responses)                          # one float per pair
     texts = generate(model, tokenizer, prompts, max_new_tokens=64, temperature=0)   # one string per prompt
 
 Prompts are passed already rendered (data.render_prompt); every (prompt, response) pair becomes ids through
-data.encode, the same split the training loss mask uses.
+data.encode, the same split the training loss mask uses. Pairs that share a prompt (MACPO's K responses per
+prompt, a chosen and a rejected response) are scored after one pass of it (pack_rows, below).
 """
 import bisect
 import inspect
