@@ -359,19 +359,20 @@ def self_judge_stage(cfg, run, name, student, prompts, samples):
         model, tokenizer = load_agent(cfg, student)
         rendered = [render(cfg, turns, tokenizer) for turns in prompts]
         scores = []
-        for j, responses in enumerate(samples):
-            if cfg.self_judge == "likelihood":
-                ppl = perplexity(model, tokenizer, rendered, responses, batch_size=cfg.score_batch_size,
-                                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-                scores.append([-math.log(p) for p in ppl])
-            else:
-                judge = [render(cfg, [{"role": "user", "content": JUDGE_PROMPT.format(
-                    question=turns[-1]["content"], response=y)}], tokenizer) for turns, y in zip(prompts, responses)]
-                verdicts = generate(model, tokenizer, judge, max_new_tokens=16, temperature=0.0,
-                                    batch_size=cfg.gen_batch_size, seed=run.seed(f"{name}/{j}"),
-                                    max_prompt_length=cfg.max_length - 16, desc=f"{name} judge {j}")
-                scores.append([float(m.group(1)) if (m := re.search(r"Score\D{0,3}([0-5])", v) or
-                                                     re.search(r"([0-5])", v)) else 0.0 for v in verdicts])
+        if cfg.self_judge == "likelihood":
+            # all samples in one call: the samples of one prompt are scored after one pass of it
+            flat = perplexity(model, tokenizer, rendered * len(samples), sum(samples, []),
+                              batch_size=cfg.score_batch_size, max_length=cfg.max_length,
+                              max_prompt_length=cfg.max_prompt_length)
+            scores = [[-math.log(p) for p in flat[j * len(prompts):(j + 1) * len(prompts)]] for j in range(len(samples))]
+        for j, responses in enumerate(samples if cfg.self_judge == "llm" else []):
+            judge = [render(cfg, [{"role": "user", "content": JUDGE_PROMPT.format(
+                question=turns[-1]["content"], response=y)}], tokenizer) for turns, y in zip(prompts, responses)]
+            verdicts = generate(model, tokenizer, judge, max_new_tokens=16, temperature=0.0,
+                                batch_size=cfg.gen_batch_size, seed=run.seed(f"{name}/{j}"),
+                                max_prompt_length=cfg.max_length - 16, desc=f"{name} judge {j}")
+            scores.append([float(m.group(1)) if (m := re.search(r"Score\D{0,3}([0-5])", v) or
+                                                 re.search(r"([0-5])", v)) else 0.0 for v in verdicts])
         rows = []
         for i, turns in enumerate(prompts):
             ranked = sorted(range(len(samples)), key=lambda j: scores[j][i])        # worst ... best (stable)

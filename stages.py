@@ -224,9 +224,11 @@ def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, 
     def build(folder):
         model, tokenizer = load_agent(cfg, student)
         rendered = [render(cfg, turns, tokenizer) for turns in prompts]
-        ppl = [perplexity(model, tokenizer, rendered, responses, batch_size=cfg.score_batch_size,
-                          max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, progress=True)
-               for responses in teacher_responses]                                    # [K][N]
+        # all K x N pairs in one call, so that the K responses to a prompt are scored after one pass of it
+        flat = perplexity(model, tokenizer, rendered * len(teacher_responses), sum(teacher_responses, []),
+                          batch_size=cfg.score_batch_size, max_length=cfg.max_length,
+                          max_prompt_length=cfg.max_prompt_length, progress=True)
+        ppl = [flat[k * len(prompts):(k + 1) * len(prompts)] for k in range(len(teacher_responses))]     # [K][N]
         rows = []
         for i, turns in enumerate(prompts):
             best = min(range(len(teacher_names)), key=lambda k: ppl[k][i])
