@@ -151,10 +151,11 @@ def pack_rows(encoded, row_tokens, share_prompts=True):
     return rows
 
 
-def packed_batch(rows, pad_id, dtype=torch.float32):
-    """Packed rows -> a batch: input_ids, position_ids [B, T]; attention_mask [B, 1, T, T] additive (0 where a
-    token may attend, dtype's minimum where not); and the scored tokens as four [N] tensors: row, the column
-    that predicts it, its id, its pair index. Padding attends to itself only (a row of -inf gives NaN)."""
+def packed_batch(rows, pad_id, dtype=torch.float32, device="cpu"):
+    """Packed rows -> a batch on `device`: input_ids, position_ids [B, T]; attention_mask [B, 1, T, T] additive
+    (0 where a token may attend, dtype's minimum where not; built on the device from [B, T] ids, so no T x T
+    copy crosses the bus); and the scored tokens as four [N] tensors: row, the column that predicts it, its id,
+    its pair index. Padding attends to itself only (a row of -inf gives NaN)."""
     T = max(sum(len(p) + sum(len(r) for _, r, _ in rs) for p, rs in row) for row in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), T), dtype=torch.long)
@@ -177,21 +178,21 @@ def packed_batch(rows, pad_id, dtype=torch.float32):
                            for j in range(R) if mask[j] and (j or P)]
                 end += R
             start = end
-    allowed = (torch.ones(T, T, dtype=torch.bool).tril() & (doc[:, :, None] == doc[:, None, :])
+    doc, seg = doc.to(device), seg.to(device)
+    allowed = (torch.ones(T, T, dtype=torch.bool, device=device).tril() & (doc[:, :, None] == doc[:, None, :])
                & ((seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :])))            # [B, T, T]
-    attention_mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    rows_, cols, targets, pairs = torch.tensor(scored, dtype=torch.long).reshape(-1, 4).unbind(1)
-    return input_ids, position_ids, attention_mask[:, None], rows_, cols, targets, pairs
+    attention_mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    scored = torch.tensor(scored, dtype=torch.long).reshape(-1, 4).to(device)
+    return (input_ids.to(device), position_ids.to(device), attention_mask[:, None], *scored.unbind(1))
 
 
 def packed_sequence_logps(scorer, rows, n_pairs, pad_id, dtype, device):
     """sequence_logps over packed rows: (logps [n_pairs] float32, n_tokens [n_pairs] long) on the device, the
     scored tokens of each pair index in `rows` summed (indices not in them: 0 over 0 tokens). `scorer` is a
     ScoredLM, maybe wrapped for several processes. Differentiable: the preference update calls it too."""
-    input_ids, position_ids, mask, rows_, cols, targets, pairs = packed_batch(rows, pad_id, dtype)
-    logits = scorer(input_ids.to(device), mask.to(device), rows_.to(device), cols.to(device), position_ids.to(device))
-    pairs = pairs.to(device)
-    logps = torch.zeros(n_pairs, dtype=torch.float32, device=device).index_add(0, pairs, token_logps(logits, targets.to(device)))
+    input_ids, position_ids, mask, rows_, cols, targets, pairs = packed_batch(rows, pad_id, dtype, device)
+    logits = scorer(input_ids, mask, rows_, cols, position_ids)
+    logps = torch.zeros(n_pairs, dtype=torch.float32, device=device).index_add(0, pairs, token_logps(logits, targets))
     return logps, torch.bincount(pairs, minlength=n_pairs)
 
 
