@@ -190,46 +190,68 @@ def results_markdown(summary, header="", margin=0.0):
 
 
 def _verdict(methods, name="macpo"):
-    """Plain words on whether MACPO's final strong student beats each other method's (mean over seeds)."""
+    """Plain words on whether MACPO's final strong student beats each other method's. Seeds differ more than
+    methods do (each seed pre-trains and initialises its own agents), so the comparison is paired: MACPO minus
+    the method within each seed. "beats" = higher in every seed, "loses to" = lower in every seed, else mixed."""
     if name not in methods or len(methods) < 2:
         return []
-    final = {m: statistics.fmean(v["student"][-1]) for m, v in methods.items()}
-    above = [m for m in final if m != name and final[name] > final[m]]
-    below = [m for m in final if m != name and final[name] <= final[m]]
-    text = [f"MACPO's final strong student scores {final[name]:.3f}."]
-    if above:
-        text.append(f"It beats {', '.join(f'{m} ({final[m]:.3f})' for m in above)}.")
-    if below:
-        text.append(f"It does NOT beat {', '.join(f'{m} ({final[m]:.3f})' for m in below)}.")
-    return ["", "### Verdict", "", " ".join(text) + " Why, as far as measured, and what changed when the task "
-            "and the learning rates were varied: README.md, section \"The toy task\"."]
+    final = {m: v["student"][-1] for m, v in methods.items()}
+    n = len(final[name])
+    lines = ["", "### MACPO's final strong student minus each method's, per seed (paired; seeds in --seeds order)", "",
+             "| method | " + " | ".join(f"seed #{i + 1}" for i in range(n)) + " | mean | verdict |",
+             "|---" * (n + 3) + "|"]
+    groups = {"beats": [], "loses to": [], "mixed against": []}
+    for m in final:
+        if m == name:
+            continue
+        diffs = [a - b for a, b in zip(final[name], final[m])]
+        verdict = "beats" if all(d > 0 for d in diffs) else "loses to" if all(d < 0 for d in diffs) else "mixed against"
+        groups[verdict].append(f"{m} ({statistics.fmean(diffs):+.3f})")
+        lines.append(f"| {m} | " + " | ".join(f"{d:+.3f}" for d in diffs) + f" | {statistics.fmean(diffs):+.3f} | "
+                     f"{verdict.split()[0]} |")
+    text = [f"MACPO's final strong student scores {statistics.fmean(final[name]):.3f} (mean over {n} seeds)."]
+    for verdict, which in groups.items():
+        if which:
+            text.append(f"In every seed it {verdict} {', '.join(which)}." if verdict != "mixed against" else
+                        f"Mixed, neither higher nor lower in every seed, against {', '.join(which)}.")
+    return lines + ["", "### Verdict", "", " ".join(text) + " (mean paired differences in brackets.) Why, as far "
+                    "as measured, and what changed when the task and the learning rates were varied: README.md, "
+                    "section \"The toy task\"."]
 
 
 def plot_rounds(summary, path, ylabel="gold reward"):
-    """Score against round: one line per method (the strong student, mean over seeds with a ±std band), and the
-    weak teachers of MACPO (dashed) -> PNG at `path`."""
+    """Score against round -> PNG at `path`. Left: one line per method (the strong student, mean over seeds)
+    and the weak teachers of MACPO (dashed), with the weak supervisor and the ceiling. Right: the same students
+    minus the naive-SFT student of their own seed (the shared round-0 student), mean ± std over seeds: the
+    seeds' agents differ far more than the methods do, and the paired difference removes that."""
     import matplotlib
     matplotlib.use("Agg")                       # no display on CI machines
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    T = max(len(m["student"]) for m in summary["methods"].values())
-    for name, m in summary["methods"].items():
+    fig, (ax, gain) = plt.subplots(1, 2, figsize=(12, 4.5))
+    methods = summary["methods"]
+    T = max(len(m["student"]) for m in methods.values())
+    start = (methods.get("sft") or methods.get("macpo") or next(iter(methods.values())))["student"][0]   # [seeds]
+    for name, m in methods.items():
         # a method without rounds (naive SFT, confident loss) is a flat line at its one score
         student = m["student"] if len(m["student"]) > 1 else m["student"] * T
         x = list(range(len(student)))
-        mean = [mean_std(v)[0] for v in student]
-        std = [mean_std(v)[1] for v in student]
-        line, = ax.plot(x, mean, marker="o", label=name)
-        ax.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
-                        color=line.get_color(), alpha=0.12)
-    if "macpo" in summary["methods"]:
-        teachers = summary["methods"]["macpo"]["teachers"]
+        line, = ax.plot(x, [mean_std(v)[0] for v in student], marker="o", label=name)
+        diffs = [[a - b for a, b in zip(v, start)] for v in student]
+        mean, std = [mean_std(d)[0] for d in diffs], [mean_std(d)[1] for d in diffs]
+        gain.plot(x, mean, marker="o", color=line.get_color(), label=name)
+        gain.fill_between(x, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                          color=line.get_color(), alpha=0.08)
+    if "macpo" in methods:
+        teachers = methods["macpo"]["teachers"]
         ax.plot(range(len(teachers)), [mean_std(v)[0] for v in teachers], "k--", marker="s",
                 label="weak teachers (MACPO)")
     for key, style in (("ceiling", ":"), ("weak", "-.")):
         ax.axhline(mean_std(summary[key])[0], color="grey", linestyle=style, label=key)
-    ax.set_xlabel("round (0 = after initialisation)")
-    ax.set_ylabel(ylabel)
+    gain.axhline(0.0, color="grey", linewidth=0.8)
+    for a in (ax, gain):
+        a.set_xlabel("round (0 = after initialisation)")
+    ax.set_ylabel(f"{ylabel} (mean over seeds)")
+    gain.set_ylabel(f"{ylabel} minus the seed's naive-SFT student")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -50,7 +50,7 @@ TOY="--task toy --n_teachers 3 --toy_teacher_sizes 64x2,64x2,64x2 --toy_teacher_
      --batch_size 64 --score_batch_size 256 --gen_batch_size 256 --teacher_sft_epochs 6 --student_sft_epochs 6
      --neg_sft_epochs 2 --sft_lr 1e-3 --lora all --dpo_lr 2e-4 --warmup_ratio 0.05 --temperature 0.3 --top_p 1.0"
 case "$preset" in
-  toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, about 6 minutes on 2 cores
+  toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, about 5 minutes on 2 cores
     exec $PY macpo.py --out runs/toy --n_init 1500 --n_w2s 1500 --n_test 400 $TOY "$@" ;;
   smoke)     # the same pipeline at the smallest size that still runs every stage
     exec $PY macpo.py --out runs/smoke --task toy --n_teachers 3 --n_init 64 --n_w2s 64 --n_test 32 \

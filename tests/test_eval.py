@@ -70,6 +70,12 @@ def test_summarise_pools_seeds_and_averages_pgr():
     assert s["win_rates"]["sft"] == {"win": 0.25, "tie": 0.5, "lose": 0.25, "n": 4}
     text = evaluate.results_markdown(s)
     assert "| macpo | 0.500 ± 0.000 | 0.600 ± 0.141 | 0.65 ± 0.21 |" in text
+    # paired by seed: macpo 0.7 and 0.5 against sft 0.5 and 0.5 -> +0.2 and 0.0: not higher in every seed
+    assert "| sft | +0.200 | +0.000 | +0.100 | mixed |" in text
+    assert "Mixed, neither higher nor lower in every seed, against sft (+0.100)." in text
+    per_seed["sft"][1]["rounds"][0]["student"] = 0.4                 # now higher in both seeds
+    text = evaluate.results_markdown(evaluate.summarise(per_seed, reference))
+    assert "| sft | +0.200 | +0.100 | +0.150 | beats |" in text and "In every seed it beats sft (+0.150)." in text
 
 
 # --- reward-model scoring ----------------------------------------------------------------------------------
