@@ -116,9 +116,28 @@ def _device(model):
 # the same response.
 
 def packable(model):
-    """Packing passes an additive [B, 1, T, T] mask, which the eager and SDPA attentions take as it is;
-    others (flash-attention-2) get one padded pair per row instead."""
-    return getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
+    """Packing passes an additive [B, 1, T, T] mask. The eager and SDPA attentions of transformers 5.x (and of
+    Llama-like models in 4.4x) take it as it is; some older model code inverts a 4D mask, and flash-attention-2
+    takes none. So the first call checks: two responses to one prompt (random ids), scored packed and padded,
+    must agree; the answer is kept on the model. A model that fails gets one padded pair per row instead."""
+    if getattr(model, "_macpo_packable", None) is None:
+        ok = getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
+        if ok:
+            g, V = torch.Generator().manual_seed(0), model.get_input_embeddings().num_embeddings
+            prompt = torch.randint(V, (6,), generator=g).tolist()
+            encoded = [(prompt + torch.randint(V, (4,), generator=g).tolist(), [0] * 6 + [1] * 4) for _ in range(2)]
+            device, dtype, training = _device(model), next(model.parameters()).dtype, model.training
+            model.eval()
+            with torch.no_grad():
+                packed, _ = packed_sequence_logps(ScoredLM(model), pack_rows(encoded, 16), 2, 0, dtype, device)
+                b = collate(encoded, 0)
+                padded, _ = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device),
+                                           b["loss_mask"])
+            model.train(training)
+            tol = 1e-4 if dtype == torch.float32 else 2e-2                            # bf16 keeps ~3 digits
+            ok = bool(torch.allclose(packed, padded, rtol=tol, atol=10 * tol))
+        model._macpo_packable = ok
+    return model._macpo_packable
 
 
 def pack_rows(encoded, row_tokens, share_prompts=True):
@@ -221,7 +240,9 @@ def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progres
             b = collate([encoded[i] for i in ids], pad_id)
             logps, n = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
         done += zip(ids, zip(logps.float().cpu().tolist(), n.tolist()))          # one sync per batch
-    logps, n = zip(*[v for _, v in parallel.gather(done)]) if encoded else ((), ())
+    gathered = parallel.gather(done)
+    assert [i for i, _ in gathered] == list(range(len(encoded))), "packed_logps lost or repeated a pair"
+    logps, n = zip(*[v for _, v in gathered]) if encoded else ((), ())
     return torch.tensor(logps, dtype=torch.float32), torch.tensor(n, dtype=torch.long)
 
 

@@ -217,9 +217,10 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
         elif pack:
             # chosen and rejected of a pair share their prompt: one pass of it, both responses after it
             # (generate.pack_rows); a row holds at most two of the longest pairs
-            rows = pack_rows([chosen[j] for j in idx] + [rejected[j] for j in idx], 2 * max_length)
-            tokens += sum(len(p) + sum(len(r) for _, r, _ in rs) for row in rows for p, rs in row)
-            logps, n = packed_sequence_logps(scorer, rows, 2 * len(idx), pad_id, dtype, device)   # [2B]: chosen first
+            packed = pack_rows([chosen[j] for j in idx] + [rejected[j] for j in idx], 2 * max_length)
+            # tokens the model ran: a shared prompt counts once
+            tokens += sum(len(p) + sum(len(r) for _, r, _ in rs) for row in packed for p, rs in row)
+            logps, n = packed_sequence_logps(scorer, packed, 2 * len(idx), pad_id, dtype, device)  # [2B]: chosen first
         else:
             b = collate_pairs([chosen[j] for j in idx], [rejected[j] for j in idx], pad_id)   # [2B, T]
             tokens += int(b["attention_mask"].sum())

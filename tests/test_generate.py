@@ -136,6 +136,39 @@ def test_packed_gradients_equal_one_pair_at_a_time(tokenizer):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
 
 
+def test_packable_checks_the_model_and_the_padded_fallback_is_exact(tokenizer, monkeypatch):
+    import generate as g
+    assert g.packable(make_model(tokenizer, seed=1))
+    # an attention that ignores the packed mask (as older model code that inverts 4D masks would) is caught
+    real = g.packed_batch
+    monkeypatch.setattr(g, "packed_batch", lambda *a, **k: (*real(*a, **k)[:2], real(*a, **k)[2] * 0, *real(*a, **k)[3:]))
+    broken = make_model(tokenizer, seed=1)
+    assert not g.packable(broken)
+    monkeypatch.setattr(g, "packed_batch", real)
+    # ... and then gets one padded pair per row, with the same scores
+    encoded = [encode(tokenizer, p, r, 128) for p, r in zip(SHARED_PROMPTS, SHARED_RESPONSES)]
+    logps, n = packed_logps(broken, encoded, tokenizer.pad_token_id, batch_size=3)
+    for i, (ids, mask) in enumerate(encoded):
+        assert logps[i].item() == pytest.approx(reference_logps(broken, ids, mask)[0], abs=1e-4)
+
+
+def test_dpo_training_with_shared_prompts_equals_padded_pairs(tokenizer):
+    import copy
+    from train import reference_logps as train_reference_logps, train
+    rows = list(zip(SHARED_PROMPTS[:6], SHARED_RESPONSES[:6], SHARED_RESPONSES[6:12]))
+    start = make_model(tokenizer, seed=2)
+    reference = train_reference_logps(start, tokenizer, rows, max_length=128)
+    runs = []
+    for share in (True, False):
+        m = copy.deepcopy(start)
+        log = train(m, tokenizer, rows, kind="dpo", epochs=2, lr=1e-3, batch_size=3, max_length=128,
+                    reference=reference, share_prompts=share, progress=False, log_every=1)
+        runs.append((m, [r["loss"] for r in log]))
+    assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-5) and len(runs[0][1]) == 4
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_tight_batches_bound_padding_and_batch_size():
     lengths = [50, 100, 10, 89, 48, 95, 49, 47]
     # by hand, longest first: 100 95 | 89 (below 0.9 x 100) | 50 49 48 (full at 3) | 47 | 10
