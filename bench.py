@@ -183,29 +183,55 @@ def return_freed_memory_to_os():
         pass                                                    # not glibc: RSS peaks may read low
 
 
-def peak_extra_memory_mb(fn, device):
-    """Peak memory fn() adds on top of what is allocated before it. CUDA: the allocator's own counter. CPU:
-    the resident set size sampled every millisecond by a thread (torch frees CPU tensors straight to malloc)."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-    return_freed_memory_to_os()
-    before, peak, done = _rss_bytes(), [0], threading.Event()
+class StepMeter:
+    """Per-step wall time and peak extra memory (over the memory at the step's start), also for loops we do not own:
+    step_begin() / step_end() around each step, a thread sampling the RSS every millisecond (CUDA: the
+    allocator's counters)."""
 
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-    thread = threading.Thread(target=sample)
-    thread.start()
+    def __init__(self, device):
+        self.device, self.seconds, self.peak_mb = device, [], []
+        self.cuda = str(device).startswith("cuda")
+
+    def step_begin(self):
+        sync(self.device)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+        else:
+            return_freed_memory_to_os()
+            self.before, self.peak, self.done = _rss_bytes(), _rss_bytes(), threading.Event()
+
+            def sample():
+                while not self.done.is_set():
+                    self.peak = max(self.peak, _rss_bytes())
+                    time.sleep(0.001)
+            self.thread = threading.Thread(target=sample)
+            self.thread.start()
+        self.t0 = time.perf_counter()
+
+    def step_end(self):
+        sync(self.device)
+        self.seconds.append(time.perf_counter() - self.t0)
+        if self.cuda:
+            self.peak_mb.append((torch.cuda.max_memory_allocated() - self.before) / 2 ** 20)
+        else:
+            self.done.set()
+            self.thread.join()
+            self.peak_mb.append((max(self.peak, _rss_bytes()) - self.before) / 2 ** 20)
+
+    def row(self, what, pairs_per_step):
+        """Median over the steps after the first (the first allocates the optimizer state)."""
+        s, m = statistics.median(self.seconds[1:]), max(self.peak_mb[1:])
+        return {"what": what, "seconds_per_step": s, "rate": pairs_per_step / s, "peak_mb": m, "steps": len(self.seconds) - 1}
+
+
+def peak_extra_memory_mb(fn, device):
+    """Peak memory fn() adds on top of what is allocated before it (StepMeter, below, around one call)."""
+    meter = StepMeter(device)
+    meter.step_begin()
     fn()
-    done.set()
-    thread.join()
-    return (max(peak[0], _rss_bytes()) - before) / 2 ** 20
+    meter.step_end()
+    return meter.peak_mb[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -410,48 +436,6 @@ def bench_update(policy, tokenizer, pairs, args):
 
 # ---------------------------------------------------------------------------------------------------------
 # 4. TRL, when installed (it is not a dependency).
-
-class StepMeter:
-    """Per-step wall time and peak extra memory (over the memory at the step's start), for loops we do not own:
-    step_begin() / step_end() around each step, a thread sampling the RSS every millisecond (CUDA: the
-    allocator's counters)."""
-
-    def __init__(self, device):
-        self.device, self.seconds, self.peak_mb = device, [], []
-        self.cuda = str(device).startswith("cuda")
-
-    def step_begin(self):
-        sync(self.device)
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-        else:
-            return_freed_memory_to_os()
-            self.before, self.peak, self.done = _rss_bytes(), _rss_bytes(), threading.Event()
-
-            def sample():
-                while not self.done.is_set():
-                    self.peak = max(self.peak, _rss_bytes())
-                    time.sleep(0.001)
-            self.thread = threading.Thread(target=sample)
-            self.thread.start()
-        self.t0 = time.perf_counter()
-
-    def step_end(self):
-        sync(self.device)
-        self.seconds.append(time.perf_counter() - self.t0)
-        if self.cuda:
-            self.peak_mb.append((torch.cuda.max_memory_allocated() - self.before) / 2 ** 20)
-        else:
-            self.done.set()
-            self.thread.join()
-            self.peak_mb.append((max(self.peak, _rss_bytes()) - self.before) / 2 ** 20)
-
-    def row(self, what, pairs_per_step):
-        """Median over the steps after the first (the first allocates the optimizer state)."""
-        s, m = statistics.median(self.seconds[1:]), max(self.peak_mb[1:])
-        return {"what": what, "seconds_per_step": s, "rate": pairs_per_step / s, "peak_mb": m, "steps": len(self.seconds) - 1}
-
 
 def bench_trl(policy, tokenizer, pairs, args):
     """TRL's DPOTrainer (DPO + 0.2 x SFT: loss_type ["sigmoid", "sft"], weights [1, 0.2]; reference log-probs

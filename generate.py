@@ -74,20 +74,15 @@ def scored_logits(model, input_ids, attention_mask, loss_mask):
     return scorer(input_ids, attention_mask, rows, cols), input_ids[rows, cols + 1], rows
 
 
-def length_sorted_batches(lengths, batch_size):
-    """Indices grouped into batches of similar length (longest first, so an out-of-memory shows up at once)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-
-
-def tight_batches(lengths, batch_size, slack=0.1):
-    """Like length_sorted_batches, but a batch also ends where the next item is more than `slack` shorter than
-    the batch's longest, so at most that share of a batch is padding. Scoring only: on a GPU, with thousands of
-    items, batches stay full; on a CPU, where one long row already fills the matrix products, a smaller batch
-    costs nothing. (Generation keeps full batches: each decoding step reads every weight once per batch.)"""
+def length_sorted_batches(lengths, batch_size, max_padding=1.0):
+    """Indices grouped into batches of similar length (longest first, so an out-of-memory shows up at once).
+    A batch also ends where the next item is more than `max_padding` shorter than the batch's longest, so at
+    most that share of it is padding. Scoring uses 0.1: on a GPU, with thousands of items, batches stay full;
+    on a CPU, where one long row already fills the matrix products, a smaller batch costs nothing. Generation
+    keeps full batches (1.0): each decoding step reads every weight once per batch."""
     batches = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if not batches or len(batches[-1]) == batch_size or lengths[i] < (1 - slack) * lengths[batches[-1][0]]:
+        if not batches or len(batches[-1]) == batch_size or lengths[i] < (1 - max_padding) * lengths[batches[-1][0]]:
             batches.append([])
         batches[-1].append(i)
     return batches
@@ -170,12 +165,17 @@ def pack_rows(encoded, row_tokens, share_prompts=True):
     return rows
 
 
+def row_length(row):
+    """Tokens in a packed row: each document's prompt once plus its responses."""
+    return sum(len(prompt) + sum(len(r) for _, r, _ in responses) for prompt, responses in row)
+
+
 def packed_batch(rows, pad_id, dtype=torch.float32, device="cpu"):
     """Packed rows -> a batch on `device`: input_ids, position_ids [B, T]; attention_mask [B, 1, T, T] additive
     (0 where a token may attend, dtype's minimum where not; built on the device from [B, T] ids, so no T x T
     copy crosses the bus); and the scored tokens as four [N] tensors: row, the column that predicts it, its id,
     its pair index. Padding attends to itself only (a row of -inf gives NaN)."""
-    T = max(sum(len(p) + sum(len(r) for _, r, _ in rs) for p, rs in row) for row in rows)
+    T = max(row_length(row) for row in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), T), dtype=torch.long)
     doc = -1 - torch.arange(T).repeat(len(rows), 1)                # padding: a document per position
@@ -220,16 +220,15 @@ def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progres
                  share_prompts=True):
     """Summed log-probs of the loss-masked tokens of each encoded pair and their count: (logps [N] float32,
     n_tokens [N] long) on the CPU, in input order, from packed rows (above) of at most row_tokens tokens, at
-    most batch_size rows at a time (tight_batches). Equal to sequence_logps on each pair alone, without
+    most batch_size rows at a time, batches cut at 10% padding. Equal to sequence_logps on each pair alone, without
     re-running shared prompts."""
     device, dtype = _device(model), next(model.parameters()).dtype
     pack = packable(model)
     rows = pack_rows(encoded, row_tokens, share_prompts) if pack else [[i] for i in range(len(encoded))]
-    lengths = [sum(len(p) + sum(len(r) for _, r, _ in rs) for p, rs in row) for row in rows] if pack else \
-        [len(ids) for ids, _ in encoded]
+    lengths = [row_length(row) for row in rows] if pack else [len(ids) for ids, _ in encoded]
     done = []
     # with several processes each rank scores its share of the batches; gather restores the input order
-    for idx in tqdm(parallel.mine(tight_batches(lengths, batch_size)), desc=desc, disable=not progress, leave=False):
+    for idx in tqdm(parallel.mine(length_sorted_batches(lengths, batch_size, 0.1)), desc=desc, disable=not progress, leave=False):
         batch = [rows[r] for r in idx]
         if pack:
             ids = [i for row in batch for _, responses in row for i, _, _ in responses]

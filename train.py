@@ -16,7 +16,8 @@ import lora
 import parallel
 
 from data import collate, collate_pairs, encode
-from generate import ScoredLM, packable, pack_rows, packed_logps, packed_sequence_logps, scored_logits, sequence_logps
+from generate import (ScoredLM, pack_rows, packable, packed_logps, packed_sequence_logps, row_length, scored_logits,
+                      sequence_logps)
 from losses import confident_loss, macpo_loss, sft_loss
 
 
@@ -211,18 +212,18 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
         # over ranks that DDP / FSDP take is the mean over the global batch.
         idx = parallel.mine(global_idx) or global_idx[:1]
         weight = (len(parallel.mine(global_idx)) > 0) * parallel.world_size() / len(global_idx)
+        b = None
         if kind in ("sft", "confident"):
             b = collate([chosen[j] for j in idx], pad_id)
-            tokens += int(b["attention_mask"].sum())
         elif pack:
             # chosen and rejected of a pair share their prompt: one pass of it, both responses after it
             # (generate.pack_rows); a row holds at most two of the longest pairs
             packed = pack_rows([chosen[j] for j in idx] + [rejected[j] for j in idx], 2 * max_length)
-            # tokens the model ran: a shared prompt counts once
-            tokens += sum(len(p) + sum(len(r) for _, r, _ in rs) for row in packed for p, rs in row)
+            tokens += sum(row_length(row) for row in packed)         # tokens the model ran: a prompt once
             logps, n = packed_sequence_logps(scorer, packed, 2 * len(idx), pad_id, dtype, device)  # [2B]: chosen first
         else:
             b = collate_pairs([chosen[j] for j in idx], [rejected[j] for j in idx], pad_id)   # [2B, T]
+        if b is not None:
             tokens += int(b["attention_mask"].sum())
         if kind == "confident":
             logits, targets, example_ids = scored_logits(scorer, b["input_ids"].to(device),
@@ -230,7 +231,7 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
             alpha = confident_weight * min(1.0, step / max(1.0, confident_warmup * total_steps))
             losses, stats = confident_loss(logits, targets, example_ids, len(idx), alpha)
             stats["alpha"] = torch.full_like(losses, alpha)
-        elif not (kind == "dpo" and pack):
+        elif b is not None:
             logps, n = sequence_logps(scorer, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
         if kind == "sft":
             losses = sft_loss(logps, n)

@@ -7,7 +7,7 @@ import torch
 from conftest import make_model
 from data import collate, encode
 from generate import (ScoredLM, generate, pack_rows, packed_logps, packed_sequence_logps, perplexity,
-                      sequence_logps, tight_batches)
+                      sequence_logps, length_sorted_batches)
 
 PROMPTS = ["USER: What is 12 + 30? ASSISTANT:", "USER: hello ASSISTANT:",
            "A chat between a curious user and an artificial intelligence assistant. USER: How do I pick a lock? ASSISTANT:"]
@@ -169,12 +169,12 @@ def test_dpo_training_with_shared_prompts_equals_padded_pairs(tokenizer):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_tight_batches_bound_padding_and_batch_size():
+def test_length_sorted_batches_bound_padding_and_batch_size():
     lengths = [50, 100, 10, 89, 48, 95, 49, 47]
     # by hand, longest first: 100 95 | 89 (below 0.9 x 100) | 50 49 48 (full at 3) | 47 | 10
-    assert tight_batches(lengths, batch_size=3, slack=0.1) == [[1, 5], [3], [0, 6, 4], [7], [2]]
-    # with no slack limit it is plain length-sorted batching
-    assert tight_batches(lengths, batch_size=3, slack=1.0) == [[1, 5, 3], [0, 6, 4], [7, 2]]
+    assert length_sorted_batches(lengths, batch_size=3, max_padding=0.1) == [[1, 5], [3], [0, 6, 4], [7], [2]]
+    # with no padding limit (the default) batches are only cut at batch_size
+    assert length_sorted_batches(lengths, batch_size=3) == [[1, 5, 3], [0, 6, 4], [7, 2]]
 
 
 def test_reference_logps_of_chosen_and_rejected_equal_one_at_a_time(model, tokenizer):
