@@ -96,6 +96,39 @@ def make_scorer(name, device="cpu", batch_size=16, max_length=1024, rm_format="p
     return score
 
 
+
+class ScoreCache:
+    """Several scorers by name; each (prompt, response) is scored once per process and scorer.
+
+    MACPO's pairs reuse responses (the negative twins' outputs every round, a teacher's response as the
+    student's positive and again as a candidate), and a reward model's inference is the cost, so scores are
+    remembered. __call__(prompts, responses) -> {scorer name: [float per response]}, in input order; the new
+    pairs of one call go to each scorer in one batched call. An empty cache (no scorer) returns {}."""
+
+    def __init__(self, scorers):
+        self.scorers = dict(scorers)                        # {name: f(prompts, responses) -> [float]}
+        self.memo = {name: {} for name in self.scorers}
+
+    def __bool__(self):
+        return bool(self.scorers)
+
+    def __call__(self, prompts, responses):
+        keys = [(json.dumps(p, sort_keys=True), r) for p, r in zip(prompts, responses)]
+        out = {}
+        for name, score in self.scorers.items():
+            memo = self.memo[name]
+            new = {}                                        # unscored key -> its first index
+            for i, k in enumerate(keys):
+                if k not in memo:
+                    new.setdefault(k, i)
+            new = list(new.values())
+            if new:
+                for i, v in zip(new, score([prompts[i] for i in new], [responses[i] for i in new])):
+                    memo[keys[i]] = float(v)
+            out[name] = [memo[k] for k in keys]
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Comparisons
 

@@ -30,10 +30,11 @@ import data
 import evaluate
 import lora
 import parallel
+import report
 from generate import generate, perplexity
 from stages import (Run, dpo_stage, evaluate_stage, generate_stage, load_agent, load_task, read_jsonl, render,
-                    select_positives_stage, sft_stage, teacher_pairs_stage, toy_bases, write_json, write_jsonl,
-                    write_text)
+                    scored, select_positives_stage, sft_stage, signal_scorers, teacher_pairs_stage, toy_bases,
+                    write_json, write_jsonl, write_text)
 from train import ModelLoadError, NonFiniteError, check_model, default_device
 
 
@@ -89,6 +90,10 @@ class Config:
     sft_weight: float = 0.2             # weight of the SFT term on the positive (release: --dpo_ftx 0.2)
     loss_type: str = "sigmoid"          # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0        # > 0: conservative DPO
+    identical_pairs: str = "drop"       # pairs whose chosen and rejected are the same string: drop (their DPO
+                                        # term is exactly zero; kept, they add only SFT on a response the agent's
+                                        # own negative twin wrote) | keep (as the release, which does not filter).
+                                        # The paper is silent.
     batch_size: int = 16                # sequences (SFT) or pairs (DPO) per micro-batch
     grad_accum: int = 1                 # micro-batches per optimizer step
     warmup_ratio: float = 0.0           # linear warm-up share of the steps, then cosine (release: 0, cosine)
@@ -118,6 +123,10 @@ class Config:
     merge_lora: bool = False            # also write each LoRA checkpoint merged into its base, as STAGE/merged
     # evaluation
     evaluate: bool = True               # generate on the test prompts after init and each round (toy: gold reward)
+    signal: bool = True                 # training-signal report (report.py): score both sides of every pair each
+                                        # agent trains on and every candidate of the student's selection
+    reward_models: str = ""             # comma-separated reward models (hub names or folders) that judge the
+                                        # training signal on real data; the toy task also uses its gold reward
     ceiling: bool = True                # also train the strong student by SFT on ground truth (the ceiling)
     # method: MACPO or a baseline (../shared/paper.md section 5), from the same initial agents and data
     method: str = "macpo"               # macpo | sft (naive SFT on weak labels) | confident (Burns et al. 2023) |
@@ -161,6 +170,7 @@ def validate(cfg):
     choices = {"task": ("toy", "hh-helpful", "hh-harmless", "pku", "file"), "template": data.TEMPLATES,
                "reference": ("previous", "init", "base"), "student_positive_from": ("before", "after"),
                "loss_type": ("sigmoid", "ipo"), "pku_order": ("safer", "better"),
+               "identical_pairs": ("drop", "keep"),
                "lora": ("none", "all", "student", "teachers"),
                "parallel": ("ddp", "fsdp"), "method": tuple(METHODS),
                "self_judge": ("likelihood", "llm")}
@@ -300,6 +310,7 @@ def macpo_rounds(cfg, run, s, prefix=""):
         for n in names:
             pos[n] = dpo_stage(cfg, run, f"{r}/{n}", pos[n], reference[n], teacher_pairs[n])
         evals[r] = {a: evaluate_stage(cfg, run, f"eval/{r}/{a}", pos[a], test) for a in names + ["student"]}
+        print_signal(cfg, run, r, names + ["student"])
     return evals, pos
 
 
@@ -336,6 +347,7 @@ def spin(cfg, run, s, prefix):
         pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"],
                                    _references(cfg, s, pos, initial)["student"], list(zip(Q, s["weak_labels"], own)))
         evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", pos["student"], s["test"])}
+        print_signal(cfg, run, r, ["student"])
     return evals, pos
 
 
@@ -373,11 +385,16 @@ def self_judge_stage(cfg, run, name, student, prompts, samples):
                                 max_prompt_length=cfg.max_length - 16, desc=f"{name} judge {j}")
             scores.append([float(m.group(1)) if (m := re.search(r"Score\D{0,3}([0-5])", v) or
                                                  re.search(r"([0-5])", v)) else 0.0 for v in verdicts])
+        candidate = [scored(run, prompts, responses) for responses in samples]       # [n_samples][N] (report.py)
         rows = []
         for i, turns in enumerate(prompts):
             ranked = sorted(range(len(samples)), key=lambda j: scores[j][i])        # worst ... best (stable)
             rows.append({"i": i, "prompt": turns, "chosen": samples[ranked[-1]][i], "rejected": samples[ranked[0]][i],
-                         "scores": [scores[j][i] for j in range(len(samples))], "judge": cfg.self_judge})
+                         "scores": [scores[j][i] for j in range(len(samples))], "judge": cfg.self_judge,
+                         "chosen_by": f"sample{ranked[-1]}", "chosen_score": candidate[ranked[-1]][i],
+                         "rejected_score": candidate[ranked[0]][i],
+                         "candidate_scores": {n: {f"sample{j}": candidate[j][i][n] for j in range(len(samples))}
+                                              for n in candidate[0][i]}})
         write_jsonl(folder / "pairs.jsonl", rows)
     return [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
 
@@ -394,6 +411,7 @@ def self_rewarding(cfg, run, s, prefix):
         pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"],
                                    _references(cfg, s, pos, initial)["student"], pairs)
         evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", pos["student"], s["test"])}
+        print_signal(cfg, run, r, ["student"])
     return evals, pos
 
 
@@ -427,6 +445,28 @@ def mean_scores(run, evals, scorer):
                 for a, stage in row.items()} for r, row in evals.items()}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The training-signal report (report.py): what each agent was trained on, judged by the run's scorers.
+
+def print_signal(cfg, run, r, agents):
+    """After round r: one line per agent and scorer (chosen better than rejected, the student's pick)."""
+    for scorer in run.score.scorers:
+        row = report.run_signal(run.out, {r: agents}, scorer).get(r)
+        if row and parallel.is_main():
+            print("\n".join(report.format_lines(r, row, scorer)), flush=True)
+
+
+def signal_blocks(cfg, run, s, evals):
+    """{scorer: {"signal": {round: {agent: ...}}, "negatives": {agent: mean score of its negative twin's
+    outputs}, "weak_labels": mean score}} for every scorer of the run ({} without one)."""
+    rounds = {r: list(row) for r, row in evals.items() if r not in ("init", "ceiling")}
+    negatives = {a: run.score(s["Q"], v) for a, v in s["negatives"].items()}
+    weak = run.score(s["Q"], s["weak_labels"])
+    return {scorer: {"signal": report.run_signal(run.out, rounds, scorer),
+                     "negatives": {a: statistics.fmean(v[scorer]) for a, v in negatives.items()},
+                     "weak_labels": statistics.fmean(weak[scorer])} for scorer in run.score.scorers}
+
+
 def macpo(cfg):
     """One method (--method, default MACPO's Algorithm 1) on one run folder -> {round: {agent: mean score}}."""
     run = Run(cfg)
@@ -436,8 +476,17 @@ def macpo(cfg):
     if cfg.ceiling:
         evals["ceiling"] = {"student": ceiling_stage(cfg, run, s)}
     results = mean_scores(run, evals, evaluate.gold_scores if cfg.task == "toy" else None)
+    blocks = signal_blocks(cfg, run, s, evals)
+    first = next(iter(blocks), None)         # the first scorer's block also sits at the top level
     write_json(run.out / "results.json", {"metric": "gold reward" if cfg.task == "toy" else None, "method": name,
-                                          "results": results, "final": {a: run.name(p) for a, p in pos.items()}})
+                                          "results": results, "final": {a: run.name(p) for a, p in pos.items()},
+                                          "signal_scorer": first, **(blocks[first] if first else {}),
+                                          "signal_by_scorer": blocks})
+    if first and blocks[first]["signal"] and parallel.is_main():
+        try:
+            report.plot_signal(blocks[first]["signal"], run.out / "signal.png", first, f"training signal: {name}")
+        except ImportError:
+            print("matplotlib is not installed: no signal.png (pip install matplotlib)", file=sys.stderr)
     return results
 
 
@@ -464,13 +513,18 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
             s = initialise(mcfg, run)
             evals, _ = METHODS[mcfg.method](mcfg, run, s, "" if m == "macpo" else f"{m}/")
             means = mean_scores(run, evals, scorer)
+            blocks = signal_blocks(mcfg, run, s, evals)
             per_seed[m][seed] = {
                 "rounds": [{"student": row["student"], "teachers": statistics.fmean(
                     row.get(n, means["init"][n]) for n in s["names"])} for row in means.values()],
-                "scores": scores(run, evals[list(evals)[-1]]["student"], scorer)}
+                "scores": scores(run, evals[list(evals)[-1]]["student"], scorer),
+                "signal": {name: b["signal"] for name, b in blocks.items()}}
         s = initialise(scfg, run)
+        blocks = signal_blocks(scfg, run, s, {})
         reference[seed] = {"weak": mean_scores(run, s["evals"], scorer)["init"][s["names"][cfg.weak_label_teacher]],
-                           "ceiling": statistics.fmean(scores(run, ceiling_stage(scfg, run, s), scorer))}
+                           "ceiling": statistics.fmean(scores(run, ceiling_stage(scfg, run, s), scorer)),
+                           "negatives": {name: b["negatives"] for name, b in blocks.items()},
+                           "weak_labels": {name: b["weak_labels"] for name, b in blocks.items()}}
         del run
     summary = evaluate.summarise(per_seed, reference, "macpo", tie_margin)
     out = Path(cfg.out)
@@ -481,6 +535,22 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
               f"Wall time {time.time() - t0:.0f} s. Written by `python macpo.py table` (run.sh table); "
               f"per-seed numbers in table.json, the plot in rounds.png.")
     text = evaluate.results_markdown(summary, header, tie_margin)
+    signal_name = next(iter(signal_scorers(cfg)), None)
+    if signal_name:                 # what each method trained on, mean over seeds (report.py)
+        signal = {m: report.mean_over_seeds([per_seed[m][sd]["signal"][signal_name] for sd in seeds])
+                  for m in methods}
+        twins = {a: statistics.fmean(reference[sd]["negatives"][signal_name][a] for sd in seeds)
+                 for a in reference[seeds[0]]["negatives"][signal_name]}
+        text += ("\n" + report.table_markdown(signal, signal_name) + "\nWeak labels' mean score: "
+                 f"{statistics.fmean(reference[sd]['weak_labels'][signal_name] for sd in seeds):.3f}; the negative "
+                 "twins' outputs (the hard negatives): " + ", ".join(f"{a} {v:.3f}" for a, v in twins.items())
+                 + " (mean over seeds).\n")
+        if "macpo" in signal and signal["macpo"] and parallel.is_main():
+            try:
+                report.plot_signal(signal["macpo"], out / "signal.png", signal_name,
+                                   "training signal: MACPO, mean over seeds")
+            except ImportError:
+                pass                # said once below, for rounds.png
     write_text(out / "results.md", text)
     try:
         evaluate.plot_rounds(summary, out / "rounds.png", "gold reward" if scorer_name == "gold" else scorer_name)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import data
+import evaluate
 import lora
 import parallel
 from generate import generate, perplexity
@@ -35,6 +36,7 @@ class Run:
     def __init__(self, cfg):
         self.cfg, self.out, self.order = cfg, Path(cfg.out).resolve(), []
         self.out.mkdir(parents=True, exist_ok=True)
+        self.score = evaluate.ScoreCache(signal_scorers(cfg))      # judges every pair a stage trains on
         if not parallel.is_main():      # under torchrun rank 0 owns the folder; the others follow its stages
             return
         # One process per run folder: flock is released by the kernel when the process dies, so a crash never
@@ -95,6 +97,21 @@ class Run:
             if f.exists():
                 lines += f.read_text().splitlines()
         write_text(self.out / "metrics.jsonl", "".join(line + "\n" for line in lines))
+
+
+def signal_scorers(cfg):
+    """The scorers that judge every training pair (report.py): the toy task's gold reward and --reward_models
+    -> {name: f(prompts, responses)}; none (no report, no extra inference) with --no-signal."""
+    if not cfg.signal:
+        return {}
+    names = (["gold"] if cfg.task == "toy" else []) + [n for n in cfg.reward_models.split(",") if n]
+    return {n: evaluate.make_scorer(n, cfg.device, cfg.score_batch_size, cfg.max_length) for n in names}
+
+
+def scored(run, prompts, responses):
+    """-> per response {scorer: score} (each {} when the run has no scorer)."""
+    scores = run.score(prompts, responses)
+    return [{name: v[i] for name, v in scores.items()} for i in range(len(responses))]
 
 
 def write_text(path, text):
@@ -179,10 +196,25 @@ def sft_stage(cfg, run, name, start, rows, epochs, kind="sft"):
 def dpo_stage(cfg, run, name, start, reference, rows):
     """The contrastive update: macpo_loss (DPO + sft_weight x SFT on the positive) on (prompt, positive,
     negative) rows, continuing from `start`; reference log-probs from the model at `reference`, computed once
-    before training -> checkpoint folder."""
+    before training -> checkpoint folder. NAME/pairs.jsonl keeps every pair given, whether it was trained on
+    (--identical_pairs) and, with a scorer, both sides' scores (report.py reads them)."""
     def build(folder):
+        turns, chosen, rejected = zip(*rows) if rows else ((), (), ())
+        chosen_scores, rejected_scores = scored(run, turns, chosen), scored(run, turns, rejected)
+        # A pair whose two sides are the same string contrasts nothing: its DPO gradient is exactly zero, so
+        # keeping it only adds SFT on a response the agent's negative twin also wrote. The paper is silent.
+        trained = [cfg.identical_pairs == "keep" or c != r for c, r in zip(chosen, rejected)]
+        write_jsonl(folder / "pairs.jsonl", [
+            {"i": i, "prompt": turns[i], "chosen": chosen[i], "rejected": rejected[i], "trained": trained[i],
+             "chosen_score": chosen_scores[i], "rejected_score": rejected_scores[i]} for i in range(len(rows))])
+        pairs = [row for row, keep in zip(rows, trained) if keep]
         model, tokenizer = _load_trainable(cfg, name, start)
-        rendered = [(render(cfg, turns, tokenizer), pos, neg) for turns, pos, neg in rows]
+        if not pairs:                       # nothing to learn from: the agent goes on unchanged
+            print(f"{name}: no pair left to train on (all {len(rows)} identical, --identical_pairs drop)",
+                  file=sys.stderr)
+            _save(cfg, model, tokenizer, folder)
+            return
+        rendered = [(render(cfg, turns, tokenizer), pos, neg) for turns, pos, neg in pairs]
         kw = dict(batch_size=cfg.score_batch_size, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
         if str(reference) == str(start):
             ref = reference_logps(model, tokenizer, rendered, **kw)
@@ -220,7 +252,8 @@ def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, 
 
         y+_i = argmin_k PPL_student(y_i^k | x_i)   over the K teachers' responses to prompt x_i
         y-_i = the student's negative twin's response
-    -> [(turns, positive, negative)], saved with every perplexity and who wrote each side."""
+    -> [(turns, positive, negative)], saved with every perplexity, who wrote each side and, with a scorer, the
+    scores of every candidate and of both sides (report.py: the pick against the best and a random one)."""
     def build(folder):
         model, tokenizer = load_agent(cfg, student)
         rendered = [render(cfg, turns, tokenizer) for turns in prompts]
@@ -229,25 +262,34 @@ def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, 
                           batch_size=cfg.score_batch_size, max_length=cfg.max_length,
                           max_prompt_length=cfg.max_prompt_length, progress=True)
         ppl = [flat[k * len(prompts):(k + 1) * len(prompts)] for k in range(len(teacher_responses))]     # [K][N]
+        candidate = [scored(run, prompts, responses) for responses in teacher_responses]             # [K][N]
+        negative = scored(run, prompts, negatives)
         rows = []
         for i, turns in enumerate(prompts):
             best = min(range(len(teacher_names)), key=lambda k: ppl[k][i])
             rows.append({"i": i, "prompt": turns, "chosen": teacher_responses[best][i],
                          "chosen_by": teacher_names[best], "rejected": negatives[i], "rejected_by": "student_neg",
                          "perplexities": {n: ppl[k][i] for k, n in enumerate(teacher_names)},
-                         "scored_by": run.name(student)})
+                         "scored_by": run.name(student), "chosen_score": candidate[best][i],
+                         "rejected_score": negative[i],
+                         "candidate_scores": {s: {n: candidate[k][i][s] for k, n in enumerate(teacher_names)}
+                                              for s in negative[i]}})
         write_jsonl(folder / "pairs.jsonl", rows)
     return [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
 
 
 def teacher_pairs_stage(run, name, prompts, student_responses, negatives, teacher_names):
     """Mutual positive behaviour augmentation, teacher side (2.1(c)): the student's response is the positive
-    for every teacher (no filter); teacher k's negative is its own negative twin's -> {teacher: rows}."""
+    for every teacher (no filter); teacher k's negative is its own negative twin's -> {teacher: rows}, saved
+    with both sides' scores when the run has a scorer."""
     def build(folder):
+        chosen = scored(run, prompts, student_responses)
         for n in teacher_names:
+            rejected = scored(run, prompts, negatives[n])
             write_jsonl(folder / f"{n}.jsonl", [{"i": i, "prompt": turns, "chosen": student_responses[i],
                                                  "chosen_by": "student", "rejected": negatives[n][i],
-                                                 "rejected_by": f"{n}_neg"} for i, turns in enumerate(prompts)])
+                                                 "rejected_by": f"{n}_neg", "chosen_score": chosen[i],
+                                                 "rejected_score": rejected[i]} for i, turns in enumerate(prompts)])
     folder = run.stage(name, build)
     return {n: [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(folder / f"{n}.jsonl")]
             for n in teacher_names}

@@ -119,14 +119,32 @@ def test_eval_subcommand_scores_a_folder(tmp_path, capsys):
 
 # --- a very small table, end to end ------------------------------------------------------------------------
 
-def test_table_end_to_end(tmp_path):
+def test_table_end_to_end(tmp_path, reward_model):
     import macpo
     out = tmp_path / "table"
     flags = [f for f in SMOKE]
     flags[flags.index("--n_teachers") + 1] = "1"                 # K = T = 1: one round, the fastest table
+    rm, rm_tokenizer, _ = reward_model                            # a second judge of the training signal
+    rm.save_pretrained(tmp_path / "rm")
+    rm_tokenizer.save_pretrained(tmp_path / "rm")
     macpo.main(["table", "--seeds", "0", "--methods", "macpo,sft,spin,self_reward,macpo-hn", "--out", str(out),
-                "--n_samples", "2"] + flags)
+                "--n_samples", "2", "--reward_models", str(tmp_path / "rm")] + flags)
     text = (out / "results.md").read_text()
+    # the training signal: per seed for both scorers, the gold one in results.md, scores one pair at a time
+    assert "### Training signal" in text and "| macpo | round1 | student | 32 |" in text
+    assert "| spin | round1 | student |" in text and "| self_reward | round1 | student |" in text
+    signal = json.loads((out / "table.json").read_text())["per_seed"]["macpo"]["0"]["signal"]
+    assert set(signal) == {"gold", str(tmp_path / "rm")}
+    pairs = macpo.read_jsonl(out / "seed0" / "round1" / "student" / "pairs.jsonl")
+    with torch.no_grad():
+        for row in pairs[:5]:
+            ids = rm_tokenizer(*evaluate.rm_inputs(row["prompt"], row["chosen"]))["input_ids"]
+            assert row["chosen_score"][str(tmp_path / "rm")] == pytest.approx(rm(torch.tensor([ids])).logits[0, 0].item(),
+                                                                             abs=1e-5)
+    trained = [r for r in pairs if r["trained"]]
+    better = sum(r["chosen_score"][str(tmp_path / "rm")] > r["rejected_score"][str(tmp_path / "rm")] for r in trained)
+    assert signal[str(tmp_path / "rm")]["round1"]["student"]["chosen_better"] == pytest.approx(better / len(trained))
+    assert (out / "signal.png").read_bytes()[:4] == b"\x89PNG"
     for m in ("macpo", "sft", "spin", "self_reward", "macpo-hn"):
         assert f"| {m} |" in text
     assert (out / "rounds.png").read_bytes()[:4] == b"\x89PNG"

@@ -120,6 +120,65 @@ def test_teachers_positive_is_the_students_response(run_dir):
         assert [r["rejected"] for r in rows] == own_negatives
 
 
+
+def test_signal_block_equals_a_rescoring_of_the_pair_files(run_dir):
+    """results.json["signal"] against the pair files on disk, re-scored here with toy.reward and counted by
+    hand; the negative twins and the weak labels against their generation files."""
+    import toy
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["signal_scorer"] == "gold" and list(res["signal_by_scorer"]) == ["gold"]
+    assert list(res["signal"]) == ROUNDS
+
+    def gen(stage):
+        return [json.loads(line) for line in (run_dir / stage / "generations.jsonl").read_text().splitlines()]
+    for r in ROUNDS:
+        assert list(res["signal"][r]) == AGENTS
+        for a in AGENTS:
+            rows = [json.loads(line) for line in (run_dir / r / a / "pairs.jsonl").read_text().splitlines()]
+            assert len(rows) == 32
+            c = [toy.reward(x["prompt"], x["chosen"]) for x in rows if x["trained"]]
+            j = [toy.reward(x["prompt"], x["rejected"]) for x in rows if x["trained"]]
+            assert [x["chosen_score"]["gold"] for x in rows if x["trained"]] == c     # the file keeps its scores
+            assert all(x["trained"] == (x["chosen"] != x["rejected"]) for x in rows)  # --identical_pairs drop
+            s, n = res["signal"][r][a], len(c)
+            assert s["n"] == n and s["dropped_identical"] == 32 - n
+            assert s["chosen_better"] == pytest.approx(sum(x > y for x, y in zip(c, j)) / n)
+            assert s["rejected_better"] == pytest.approx(sum(x < y for x, y in zip(c, j)) / n)
+            assert s["chosen_score"] == pytest.approx(sum(c) / n) and s["identical"] == 0.0
+        # the student's selection: every teacher's response to every prompt, re-scored
+        teacher = {k: gen(f"{r}/generations_teacher{k}") for k in range(3)}
+        picks = [json.loads(line) for line in (run_dir / r / "pairs_student" / "pairs.jsonl").read_text().splitlines()]
+        cand = [[toy.reward(t[i]["prompt"], t[i]["response"]) for t in teacher.values()] for i in range(32)]
+        s = res["signal"][r]["student"]
+        assert s["oracle"] == pytest.approx(sum(map(max, cand)) / 32)
+        assert s["random"] == pytest.approx(sum(sum(v) / 3 for v in cand) / 32)
+        assert s["pick"] == pytest.approx(sum(cand[p["i"]][int(p["chosen_by"][-1])] for p in picks) / 32)
+        assert sum(s["picked_from"].values()) == 32
+        assert s["picked_from"]["teacher1"] == sum(p["chosen_by"] == "teacher1" for p in picks)
+    for a in AGENTS:
+        rows = gen(f"init/negatives_{a}")
+        assert res["negatives"][a] == pytest.approx(sum(toy.reward(x["prompt"], x["response"]) for x in rows) / 32)
+    rows = gen("init/weak_labels")
+    assert res["weak_labels"] == pytest.approx(sum(toy.reward(x["prompt"], x["response"]) for x in rows) / 32)
+    assert (run_dir / "signal.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("mode", ["drop", "keep"])
+def test_identical_pairs_are_dropped_or_kept(run_dir, tmp_path, mode):
+    """Only identical pairs: dropped, the agent goes on unchanged (weights equal); kept, the SFT term moves it."""
+    from safetensors.torch import load_file
+    from stages import Run, dpo_stage
+    cfg = macpo.parse_config(SMOKE + ["--out", str(tmp_path / mode), "--identical_pairs", mode])
+    start = run_dir / "init" / "student"
+    rows = [([{"role": "user", "content": "What is 12 + 30?"}], "12 + 30 = 42.", "12 + 30 = 42.")] * 4
+    folder = dpo_stage(cfg, Run(cfg), "round1/student", start, start, rows)
+    written = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
+    assert [w["trained"] for w in written] == [mode == "keep"] * 4
+    assert all(w["chosen_score"] == {"gold": 1.0} for w in written)
+    before, after = load_file(start / "model.safetensors"), load_file(folder / "model.safetensors")
+    same = all(torch.equal(before[k], after[k]) for k in before)
+    assert same == (mode == "drop")
+
 def snapshot(out):
     """Everything a run produced that must not depend on how it was run: results, pairs, generations, weights."""
     files = {}
