@@ -222,6 +222,18 @@ def results_markdown(summary, header="", margin=0.0):
     return "\n".join(lines) + "\n"
 
 
+def kinds_markdown(per_method, weak, ceiling):
+    """Final strong student per prompt kind: {method: [per seed {kind: mean}]}, and the weak supervisor's and the
+    ceiling's [per seed {kind: mean}] -> a Markdown section (mean ± std over seeds)."""
+    rows = dict(per_method, **{"weak supervisor": weak, "ceiling": ceiling})
+    kinds = list(dict.fromkeys(k for per_seed in rows.values() for v in per_seed if v for k in v))
+    lines = ["### Final strong student per prompt kind (mean ± std over seeds)", "",
+             "| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for name, per_seed in rows.items():
+        lines.append(f"| {name} | " + " | ".join(fmt([v[k] for v in per_seed if v and k in v]) for k in kinds) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _verdict(methods, name="macpo"):
     """Plain words on whether MACPO's final strong student beats each other method's. Seeds differ more than
     methods do (each seed pre-trains and initialises its own agents), so the comparison is paired: MACPO minus

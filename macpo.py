@@ -445,6 +445,25 @@ def mean_scores(run, evals, scorer):
                 for a, stage in row.items()} for r, row in evals.items()}
 
 
+def kind_of(cfg):
+    """prompt turns -> its kind, by which every score is also reported (toy.kind on the toy task), or None."""
+    if cfg.task != "toy":
+        return None
+    import toy
+    return toy.kind
+
+
+def kind_scores(run, stage, scorer, kind):
+    """An eval stage's mean score per prompt kind -> {kind: mean}, kinds sorted (None when not evaluated)."""
+    if stage is None or scorer is None or kind is None:
+        return None
+    rows = read_jsonl(run.out / stage / "generations.jsonl")
+    groups = {}
+    for r, v in zip(rows, scorer([r["prompt"] for r in rows], [r["response"] for r in rows])):
+        groups.setdefault(kind(r["prompt"]), []).append(v)
+    return {k: statistics.fmean(groups[k]) for k in sorted(groups)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The training-signal report (report.py): what each agent was trained on, judged by the run's scorers.
 
@@ -462,24 +481,29 @@ def signal_blocks(cfg, run, s, evals):
     rounds = {r: list(row) for r, row in evals.items() if r not in ("init", "ceiling")}
     negatives = {a: run.score(s["Q"], v) for a, v in s["negatives"].items()}
     weak = run.score(s["Q"], s["weak_labels"])
-    return {scorer: {"signal": report.run_signal(run.out, rounds, scorer),
+    return {scorer: {"signal": report.run_signal(run.out, rounds, scorer, kind_of(cfg)),
                      "negatives": {a: statistics.fmean(v[scorer]) for a, v in negatives.items()},
                      "weak_labels": statistics.fmean(weak[scorer])} for scorer in run.score.scorers}
 
 
 def macpo(cfg):
-    """One method (--method, default MACPO's Algorithm 1) on one run folder -> {round: {agent: mean score}}."""
+    """One method (--method, default MACPO's Algorithm 1) on one run folder -> ({round: {agent: mean score}},
+    {round: {agent: {prompt kind: mean score}}}); both, and the training signal, go to results.json."""
     run = Run(cfg)
     s = initialise(cfg, run)
     name = variant(cfg)
     evals, pos = METHODS[cfg.method](cfg, run, s, "" if name == "macpo" else f"{name}/")
     if cfg.ceiling:
         evals["ceiling"] = {"student": ceiling_stage(cfg, run, s)}
-    results = mean_scores(run, evals, evaluate.gold_scores if cfg.task == "toy" else None)
+    gold = evaluate.gold_scores if cfg.task == "toy" else None
+    results = mean_scores(run, evals, gold)
+    by_kind = {r: {a: kind_scores(run, stage, gold, kind_of(cfg)) for a, stage in row.items()}
+               for r, row in evals.items()}
     blocks = signal_blocks(cfg, run, s, evals)
     first = next(iter(blocks), None)         # the first scorer's block also sits at the top level
     write_json(run.out / "results.json", {"metric": "gold reward" if cfg.task == "toy" else None, "method": name,
-                                          "results": results, "final": {a: run.name(p) for a, p in pos.items()},
+                                          "results": results, "results_by_kind": by_kind,
+                                          "final": {a: run.name(p) for a, p in pos.items()},
                                           "signal_scorer": first, **(blocks[first] if first else {}),
                                           "signal_by_scorer": blocks})
     if first and blocks[first]["signal"] and parallel.is_main():
@@ -487,7 +511,7 @@ def macpo(cfg):
             report.plot_signal(blocks[first]["signal"], run.out / "signal.png", first, f"training signal: {name}")
         except ImportError:
             print("matplotlib is not installed: no signal.png (pip install matplotlib)", file=sys.stderr)
-    return results
+    return results, by_kind
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -518,11 +542,15 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
                 "rounds": [{"student": row["student"], "teachers": statistics.fmean(
                     row.get(n, means["init"][n]) for n in s["names"])} for row in means.values()],
                 "scores": scores(run, evals[list(evals)[-1]]["student"], scorer),
+                "kinds": kind_scores(run, evals[list(evals)[-1]]["student"], scorer, kind_of(mcfg)),
                 "signal": {name: b["signal"] for name, b in blocks.items()}}
         s = initialise(scfg, run)
         blocks = signal_blocks(scfg, run, s, {})
-        reference[seed] = {"weak": mean_scores(run, s["evals"], scorer)["init"][s["names"][cfg.weak_label_teacher]],
-                           "ceiling": statistics.fmean(scores(run, ceiling_stage(scfg, run, s), scorer)),
+        weak, ceiling = s["evals"]["init"][s["names"][cfg.weak_label_teacher]], ceiling_stage(scfg, run, s)
+        reference[seed] = {"weak": statistics.fmean(scores(run, weak, scorer)),
+                           "ceiling": statistics.fmean(scores(run, ceiling, scorer)),
+                           "weak_kinds": kind_scores(run, weak, scorer, kind_of(cfg)),
+                           "ceiling_kinds": kind_scores(run, ceiling, scorer, kind_of(cfg)),
                            "negatives": {name: b["negatives"] for name, b in blocks.items()},
                            "weak_labels": {name: b["weak_labels"] for name, b in blocks.items()}}
         del run
@@ -535,6 +563,10 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
               f"Wall time {time.time() - t0:.0f} s. Written by `python macpo.py table` (run.sh table); "
               f"per-seed numbers in table.json, the plot in rounds.png.")
     text = evaluate.results_markdown(summary, header, tie_margin)
+    if kind_of(cfg):
+        text += "\n" + evaluate.kinds_markdown({m: [per_seed[m][sd]["kinds"] for sd in seeds] for m in methods},
+                                               [reference[sd]["weak_kinds"] for sd in seeds],
+                                               [reference[sd]["ceiling_kinds"] for sd in seeds])
     signal_name = next(iter(signal_scorers(cfg)), None)
     if signal_name:                 # what each method trained on, mean over seeds (report.py)
         signal = {m: report.mean_over_seeds([per_seed[m][sd]["signal"][signal_name] for sd in seeds])
@@ -568,6 +600,18 @@ def format_table(results, teachers):
     return "\n".join(lines)
 
 
+def format_kind_table(by_kind):
+    """{stage: {agent: {kind: mean}}} -> a Markdown table, one row per stage and agent, one column per kind."""
+    kinds = list(dict.fromkeys(k for row in by_kind.values() for v in row.values() if v for k in v))
+    lines = ["| stage | agent | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 2) + "|"]
+    for stage, row in by_kind.items():
+        for agent, v in row.items():
+            if v:
+                lines.append(f"| {stage} | {agent} | " + " | ".join(f"{v[k]:.3f}" if k in v else "-" for k in kinds)
+                             + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     """python macpo.py [flags]: one run (--method); `eval FOLDER ...`: score saved generations (evaluate.py);
     `table --seeds 0,1,2 --methods macpo,sft,... [flags]`: every method and ablation, results.md + rounds.png."""
@@ -598,13 +642,15 @@ def main(argv=None):
                         table_args.scorer, table_args.tie_margin))
             print(f"{cfg.out}: results.md, rounds.png, table.json ({time.time() - t0:.0f} s)")
             return
-        results = macpo(cfg)
+        results, by_kind = macpo(cfg)
     except (data.DataError, ModelLoadError, NonFiniteError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:       # a full disk or a lost mount: the stage being written stays *.partial, never DONE
         sys.exit(f"error: {e} (while writing under {cfg.out}). Every finished stage is intact; fix the cause "
                  f"(free disk space) and run the same command again to resume.")
     print(format_table(results, [f"teacher{k}" for k in range(cfg.K)]))
+    if any(v for row in by_kind.values() for v in row.values()):
+        print("\nper prompt kind:\n" + format_kind_table(by_kind))
     print(f"\n{cfg.out}: results.json, metrics.jsonl, checkpoints and generations per stage "
           f"({time.time() - t0:.0f} s)")
 

@@ -156,6 +156,13 @@ def reward(prompt, response):
     return float(stated is not None and int(stated.group(1)) == int(m.group(1)) + int(m.group(2)))
 
 
+def kind(prompt):
+    """The kind of a toy request: "arithmetic" or "harmful"."""
+    if isinstance(prompt, list):
+        prompt = [t["content"] for t in prompt if t["role"] == "user"][-1]
+    return "harmful" if _ARITHMETIC_RE.search(prompt) is None else "arithmetic"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pre-training text: the knowledge only, in plain text. No chat template and no refusals, so answering in the
 # chat format and refusing harmful requests are left to alignment.

@@ -78,6 +78,14 @@ def test_summarise_pools_seeds_and_averages_pgr():
     assert "| sft | +0.200 | +0.100 | +0.150 | beats |" in text and "In every seed it beats sft (+0.150)." in text
 
 
+def test_kinds_markdown_means_over_seeds():
+    text = evaluate.kinds_markdown({"macpo": [{"add": 1.0, "harmful": 0.5}, {"add": 0.0, "harmful": 0.5}]},
+                                   [{"add": 0.2}, None], [{"add": 1.0, "harmful": 1.0}])
+    assert "| method | add | harmful |" in text
+    assert "| macpo | 0.500 ± 0.707 | 0.500 ± 0.000 |" in text
+    assert "| weak supervisor | 0.200 ± 0.000 | - |" in text and "| ceiling | 1.000 ± 0.000 | 1.000 ± 0.000 |" in text
+
+
 # --- reward-model scoring ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -145,6 +153,7 @@ def test_table_end_to_end(tmp_path, reward_model):
     better = sum(r["chosen_score"][str(tmp_path / "rm")] > r["rejected_score"][str(tmp_path / "rm")] for r in trained)
     assert signal[str(tmp_path / "rm")]["round1"]["student"]["chosen_better"] == pytest.approx(better / len(trained))
     assert (out / "signal.png").read_bytes()[:4] == b"\x89PNG"
+    assert "### Final strong student per prompt kind" in text and "| ceiling |" in text
     for m in ("macpo", "sft", "spin", "self_reward", "macpo-hn"):
         assert f"| {m} |" in text
     assert (out / "rounds.png").read_bytes()[:4] == b"\x89PNG"

@@ -161,6 +161,20 @@ def test_signal_block_equals_a_rescoring_of_the_pair_files(run_dir):
     rows = gen("init/weak_labels")
     assert res["weak_labels"] == pytest.approx(sum(toy.reward(x["prompt"], x["response"]) for x in rows) / 32)
     assert (run_dir / "signal.png").read_bytes()[:4] == b"\x89PNG"
+    # per prompt kind: the student's round-2 pairs and every eval stage, grouped here by toy.kind
+    rows = [json.loads(line) for line in (run_dir / "round2" / "student" / "pairs.jsonl").read_text().splitlines()]
+    for k, s in res["signal"]["round2"]["student"]["by_kind"].items():
+        mine = [x for x in rows if x["trained"] and toy.kind(x["prompt"]) == k]
+        assert s["n"] == len(mine)
+        if mine:
+            assert s["chosen_score"] == pytest.approx(sum(toy.reward(x["prompt"], x["chosen"]) for x in mine) / len(mine))
+    assert sum(s["n"] for s in res["signal"]["round2"]["student"]["by_kind"].values()) == res["signal"]["round2"]["student"]["n"]
+    for stage, agent in (("init", "teacher1"), ("round3", "student"), ("ceiling", "student")):
+        rows = gen(f"eval/{stage}/{agent}")
+        expected = {}
+        for x in rows:
+            expected.setdefault(toy.kind(x["prompt"]), []).append(toy.reward(x["prompt"], x["response"]))
+        assert res["results_by_kind"][stage][agent] == pytest.approx({k: sum(v) / len(v) for k, v in expected.items()})
 
 
 @pytest.mark.parametrize("mode", ["drop", "keep"])
