@@ -521,7 +521,8 @@ def macpo(cfg):
 TABLE_METHODS = {        # name: the flags that differ from MACPO's
     "macpo": {}, "sft": {"method": "sft"}, "confident": {"method": "confident"}, "spin": {"method": "spin"},
     "self_reward": {"method": "self_reward"}, "macpo-mp": {"mutual_positives": False},
-    "macpo-hn": {"hard_negatives": False}, "macpo-k1": {"n_teachers": 1}, "macpo-k2": {"n_teachers": 2}}
+    "macpo-hn": {"hard_negatives": False}, "macpo-k1": {"n_teachers": 1}, "macpo-k2": {"n_teachers": 2},
+    "macpo-base": {"reference": "base"}}        # MACPO with the release's DPO reference, the raw base model
 
 
 def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
