@@ -82,7 +82,7 @@ def reward_model_scores(model, tokenizer, prompts, responses, batch_size=16, max
     return out
 
 
-def make_scorer(name, device="cpu", batch_size=16, max_length=1024, rm_format="pair"):
+def make_scorer(name, device="cpu", batch_size=16, max_length=1024, rm_format="pair", trust_remote_code=False):
     """name "gold" or a reward model -> f(prompts, responses) -> [float]. The model is loaded on first use."""
     if name == "gold":
         return gold_scores
@@ -90,7 +90,7 @@ def make_scorer(name, device="cpu", batch_size=16, max_length=1024, rm_format="p
 
     def score(prompts, responses):
         if not loaded:
-            loaded["model"], loaded["tokenizer"] = load_reward_model(name, device)
+            loaded["model"], loaded["tokenizer"] = load_reward_model(name, device, trust_remote_code)
         return reward_model_scores(loaded["model"], loaded["tokenizer"], prompts, responses, batch_size, max_length,
                                    rm_format)
     return score

@@ -33,7 +33,7 @@ import parallel
 import report
 from generate import generate, perplexity
 from stages import (Run, dpo_stage, evaluate_stage, generate_stage, load_agent, load_task, read_jsonl, render,
-                    scored, select_positives_stage, sft_stage, signal_scorers, teacher_pairs_stage, toy_bases,
+                    scored, select_positives_stage, sft_stage, teacher_pairs_stage, toy_bases,
                     write_json, write_jsonl, write_text)
 from train import ModelLoadError, NonFiniteError, check_model, default_device
 
@@ -127,6 +127,8 @@ class Config:
                                         # agent trains on and every candidate of the student's selection
     reward_models: str = ""             # comma-separated reward models (hub names or folders) that judge the
                                         # training signal on real data; the toy task also uses its gold reward
+    rm_format: str = "pair"             # how a reward model reads (prompt, response): pair (OpenAssistant's
+                                        # DeBERTa) or a template name (beaver-7b: vicuna); evaluate.rm_inputs
     ceiling: bool = True                # also train the strong student by SFT on ground truth (the ceiling)
     # method: MACPO or a baseline (../shared/paper.md section 5), from the same initial agents and data
     method: str = "macpo"               # macpo | sft (naive SFT on weak labels) | confident (Burns et al. 2023) |
@@ -170,7 +172,7 @@ def validate(cfg):
     choices = {"task": ("toy", "hh-helpful", "hh-harmless", "pku", "file"), "template": data.TEMPLATES,
                "reference": ("previous", "init", "base"), "student_positive_from": ("before", "after"),
                "loss_type": ("sigmoid", "ipo"), "pku_order": ("safer", "better"),
-               "identical_pairs": ("drop", "keep"),
+               "identical_pairs": ("drop", "keep"), "rm_format": ("pair",) + tuple(data.TEMPLATES),
                "lora": ("none", "all", "student", "teachers"),
                "parallel": ("ddp", "fsdp"), "method": tuple(METHODS),
                "self_judge": ("likelihood", "llm")}
@@ -310,7 +312,7 @@ def macpo_rounds(cfg, run, s, prefix=""):
         for n in names:
             pos[n] = dpo_stage(cfg, run, f"{r}/{n}", pos[n], reference[n], teacher_pairs[n])
         evals[r] = {a: evaluate_stage(cfg, run, f"eval/{r}/{a}", pos[a], test) for a in names + ["student"]}
-        print_signal(cfg, run, r, names + ["student"])
+        print_signal(run, r, names + ["student"])
     return evals, pos
 
 
@@ -347,7 +349,7 @@ def spin(cfg, run, s, prefix):
         pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"],
                                    _references(cfg, s, pos, initial)["student"], list(zip(Q, s["weak_labels"], own)))
         evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", pos["student"], s["test"])}
-        print_signal(cfg, run, r, ["student"])
+        print_signal(run, r, ["student"])
     return evals, pos
 
 
@@ -411,7 +413,7 @@ def self_rewarding(cfg, run, s, prefix):
         pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"],
                                    _references(cfg, s, pos, initial)["student"], pairs)
         evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", pos["student"], s["test"])}
-        print_signal(cfg, run, r, ["student"])
+        print_signal(run, r, ["student"])
     return evals, pos
 
 
@@ -453,21 +455,20 @@ def kind_of(cfg):
     return toy.kind
 
 
-def kind_scores(run, stage, scorer, kind):
-    """An eval stage's mean score per prompt kind -> {kind: mean}, kinds sorted (None when not evaluated)."""
-    if stage is None or scorer is None or kind is None:
+def kind_means(values, prompts, kind):
+    """Per-prompt scores -> {prompt kind: mean score}, kinds sorted (None without scores or kinds)."""
+    if values is None or kind is None:
         return None
-    rows = read_jsonl(run.out / stage / "generations.jsonl")
     groups = {}
-    for r, v in zip(rows, scorer([r["prompt"] for r in rows], [r["response"] for r in rows])):
-        groups.setdefault(kind(r["prompt"]), []).append(v)
+    for p, v in zip(prompts, values):
+        groups.setdefault(kind(p), []).append(v)
     return {k: statistics.fmean(groups[k]) for k in sorted(groups)}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The training-signal report (report.py): what each agent was trained on, judged by the run's scorers.
 
-def print_signal(cfg, run, r, agents):
+def print_signal(run, r, agents):
     """After round r: one line per agent and scorer (chosen better than rejected, the student's pick)."""
     for scorer in run.score.scorers:
         row = report.run_signal(run.out, {r: agents}, scorer).get(r)
@@ -496,9 +497,12 @@ def macpo(cfg):
     if cfg.ceiling:
         evals["ceiling"] = {"student": ceiling_stage(cfg, run, s)}
     gold = evaluate.gold_scores if cfg.task == "toy" else None
-    results = mean_scores(run, evals, gold)
-    by_kind = {r: {a: kind_scores(run, stage, gold, kind_of(cfg)) for a, stage in row.items()}
-               for r, row in evals.items()}
+    per_prompt = {r: {a: scores(run, stage, gold) for a, stage in row.items()} for r, row in evals.items()}
+    results = {r: {a: None if v is None else statistics.fmean(v) for a, v in row.items()}
+               for r, row in per_prompt.items()}
+    test_prompts = [ex.prompt for ex in s["test"]]             # the order of every eval stage's generations
+    by_kind = {r: {a: kind_means(v, test_prompts, kind_of(cfg)) for a, v in row.items()}
+               for r, row in per_prompt.items()}
     blocks = signal_blocks(cfg, run, s, evals)
     first = next(iter(blocks), None)         # the first scorer's block also sits at the top level
     write_json(run.out / "results.json", {"metric": "gold reward" if cfg.task == "toy" else None, "method": name,
@@ -536,22 +540,23 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
         for m in methods:
             mcfg = dataclasses.replace(scfg, **TABLE_METHODS[m])
             s = initialise(mcfg, run)
+            test_prompts = [ex.prompt for ex in s["test"]]
             evals, _ = METHODS[mcfg.method](mcfg, run, s, "" if m == "macpo" else f"{m}/")
             means = mean_scores(run, evals, scorer)
             blocks = signal_blocks(mcfg, run, s, evals)
             per_seed[m][seed] = {
                 "rounds": [{"student": row["student"], "teachers": statistics.fmean(
                     row.get(n, means["init"][n]) for n in s["names"])} for row in means.values()],
-                "scores": scores(run, evals[list(evals)[-1]]["student"], scorer),
-                "kinds": kind_scores(run, evals[list(evals)[-1]]["student"], scorer, kind_of(mcfg)),
+                "scores": (final := scores(run, evals[list(evals)[-1]]["student"], scorer)),
+                "kinds": kind_means(final, test_prompts, kind_of(mcfg)),
                 "signal": {name: b["signal"] for name, b in blocks.items()}}
         s = initialise(scfg, run)
         blocks = signal_blocks(scfg, run, s, {})
-        weak, ceiling = s["evals"]["init"][s["names"][cfg.weak_label_teacher]], ceiling_stage(scfg, run, s)
-        reference[seed] = {"weak": statistics.fmean(scores(run, weak, scorer)),
-                           "ceiling": statistics.fmean(scores(run, ceiling, scorer)),
-                           "weak_kinds": kind_scores(run, weak, scorer, kind_of(cfg)),
-                           "ceiling_kinds": kind_scores(run, ceiling, scorer, kind_of(cfg)),
+        weak = scores(run, s["evals"]["init"][s["names"][cfg.weak_label_teacher]], scorer)
+        ceiling = scores(run, ceiling_stage(scfg, run, s), scorer)
+        reference[seed] = {"weak": statistics.fmean(weak), "ceiling": statistics.fmean(ceiling),
+                           "weak_kinds": kind_means(weak, test_prompts, kind_of(cfg)),
+                           "ceiling_kinds": kind_means(ceiling, test_prompts, kind_of(cfg)),
                            "negatives": {name: b["negatives"] for name, b in blocks.items()},
                            "weak_labels": {name: b["weak_labels"] for name, b in blocks.items()}}
         del run
@@ -568,7 +573,7 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
         text += "\n" + evaluate.kinds_markdown({m: [per_seed[m][sd]["kinds"] for sd in seeds] for m in methods},
                                                [reference[sd]["weak_kinds"] for sd in seeds],
                                                [reference[sd]["ceiling_kinds"] for sd in seeds])
-    signal_name = next(iter(signal_scorers(cfg)), None)
+    signal_name = next(iter(per_seed[methods[0]][seeds[0]]["signal"]), None)    # none on ranks that do not write
     if signal_name:                 # what each method trained on, mean over seeds (report.py)
         signal = {m: report.mean_over_seeds([per_seed[m][sd]["signal"][signal_name] for sd in seeds])
                   for m in methods}

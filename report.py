@@ -62,10 +62,12 @@ def _rows(path):
 
 def stage_signal(out, stage, scorer, kind=None):
     """Signal of the preference stage OUT/STAGE ("round2/teacher1") under `scorer` -> dict, or None when the
-    stage kept no scored pairs (no scorer, or a run older than the report). Only pairs the agent trained on
-    count; "dropped_identical" says how many identical pairs --identical_pairs drop removed first. For the
-    student, the selection it took its positives from (ROUND/pairs_student) adds pick / oracle / random /
-    picked_from. kind(prompt turns) -> str adds "by_kind": the same statistics per prompt kind."""
+    stage kept no scored pairs (no scorer, or a run older than the report). n and the shares of better / worse /
+    equal count the pairs the agent trained on; "identical" is the share of the pairs it was given (with
+    --identical_pairs drop those are not trained on: "dropped_identical" counts them). For the student, the
+    selection it took its positives from (ROUND/pairs_student) adds pick / oracle / random / picked_from, over
+    every prompt (the choice is made before any pair is dropped). kind(prompt turns) -> str adds "by_kind":
+    the same statistics per prompt kind."""
     out = Path(out)
     path = out / stage / "pairs.jsonl"
     if not path.exists():
@@ -73,11 +75,11 @@ def stage_signal(out, stage, scorer, kind=None):
     rows = _rows(path)
     if rows and scorer not in rows[0].get("chosen_score", {}):
         return None
-    trained = [r for r in rows if r["trained"]]
-
-    def stats(rows, selection):
+    def stats(given, selection):
+        rows = [r for r in given if r["trained"]]
         s = pair_signal([r["chosen_score"][scorer] for r in rows], [r["rejected_score"][scorer] for r in rows],
                         [r["chosen"] == r["rejected"] for r in rows])
+        s["identical"] = sum(r["chosen"] == r["rejected"] for r in given) / len(given) if given else None
         if selection:
             s.update(selection_signal([r["candidate_scores"][scorer] for r in selection],
                                       [r["chosen_by"] for r in selection]))
@@ -89,10 +91,10 @@ def stage_signal(out, stage, scorer, kind=None):
         if agent == "student" and selection_file.exists() else []
     if selection and scorer not in selection[0]["candidate_scores"]:
         selection = []
-    result = dict(stats(trained, selection), dropped_identical=len(rows) - len(trained))
+    result = dict(stats(rows, selection), dropped_identical=sum(not r["trained"] for r in rows))
     if kind is not None:
         kinds = sorted({kind(r["prompt"]) for r in rows})
-        result["by_kind"] = {k: stats([r for r in trained if kind(r["prompt"]) == k],
+        result["by_kind"] = {k: stats([r for r in rows if kind(r["prompt"]) == k],
                                       [r for r in selection if kind(r["prompt"]) == k]) for k in kinds}
     return result
 
@@ -133,7 +135,7 @@ def format_lines(round_name, row, scorer):
 
 def mean_over_seeds(signals):
     """[per seed {round: {agent: signal}}] -> the same shape, each number the mean over the seeds that have it
-    (picked_from: summed counts; by_kind left out)."""
+    (picked_from too: mean counts per teacher), "seeds" how many have it; by_kind left out."""
     out = {}
     for signal in signals:
         for r, row in signal.items():
@@ -144,10 +146,12 @@ def mean_over_seeds(signals):
         result[r] = {}
         for agent, ss in row.items():
             m = {"seeds": len(ss)}
-            for k, v in ss[0].items():
+            for k in dict.fromkeys(k for s in ss for k in s):
                 if k == "picked_from":
-                    m[k] = {n: sum(s[k][n] for s in ss) for n in v}
-                elif isinstance(v, (int, float)) or v is None:
+                    picks = [s[k] for s in ss if k in s]
+                    m[k] = {n: statistics.fmean(p.get(n, 0) for p in picks)
+                            for n in dict.fromkeys(n for p in picks for n in p)}
+                elif k != "by_kind":
                     vals = [s[k] for s in ss if s.get(k) is not None]
                     m[k] = statistics.fmean(vals) if vals else None
             result[r][agent] = m
@@ -158,7 +162,8 @@ def table_markdown(by_method, scorer):
     """{method: mean_over_seeds(...)} -> a Markdown section: one row per method, round and agent."""
     lines = [f"### Training signal: what each agent was trained on (scorer: {scorer}; mean over seeds)", "",
              "Shares of the pairs each agent trained on where the chosen response scores above / below / level with "
-             "the rejected one, the share of identical pairs, mean scores of both sides; for the student, the "
+             "the rejected one, the share of identical pairs among those given (dropped before training unless "
+             "--identical_pairs keep), mean scores of both sides; for the student, the "
              "score of the teacher response it picked against the best one per prompt (oracle) and a random one.",
              "", "| method | round | agent | n | chosen better | rejected better | equal | identical | chosen | "
              "rejected | pick | oracle | random |", "|---" * 13 + "|"]

@@ -32,11 +32,16 @@ from train import load_model, reference_logps, save_model, train
 # a folder without DONE (or a *.partial one) is never taken for a finished stage. Each stage seeds itself from
 # (seed, name), so a resumed run computes exactly what an uninterrupted one would.
 
+REPORT_ONLY = ("out", "signal", "reward_models", "rm_format")
+LEGACY = {"identical_pairs": "keep"}        # runs written before the flag trained on identical pairs
+
+
 class Run:
     def __init__(self, cfg):
         self.cfg, self.out, self.order = cfg, Path(cfg.out).resolve(), []
         self.out.mkdir(parents=True, exist_ok=True)
-        self.score = evaluate.ScoreCache(signal_scorers(cfg))      # judges every pair a stage trains on
+        # judges every pair a stage trains on; only rank 0 writes the pair files, so only it scores
+        self.score = evaluate.ScoreCache(signal_scorers(cfg) if parallel.is_main() else {})
         if not parallel.is_main():      # under torchrun rank 0 owns the folder; the others follow its stages
             return
         # One process per run folder: flock is released by the kernel when the process dies, so a crash never
@@ -51,7 +56,10 @@ class Run:
         saved = self.out / "config.json"
         if saved.exists():
             old = json.loads(saved.read_text())
-            changed = sorted(k for k in config if k != "out" and old.get(k) != config[k])
+            # flags that only change what is reported may differ; a flag added since the folder was written
+            # compares as its value then (LEGACY), or as today's default
+            changed = sorted(k for k in config if k not in REPORT_ONLY
+                             and old.get(k, LEGACY.get(k, config[k])) != config[k])
             # a folder with no finished stage has nothing to protect: a refused run can be rerun with fixed flags
             if changed and any(self.out.rglob("DONE")):
                 sys.exit(f"error: {self.out} holds a run with a different configuration ({', '.join(changed)}); "
@@ -99,13 +107,18 @@ class Run:
         write_text(self.out / "metrics.jsonl", "".join(line + "\n" for line in lines))
 
 
-def signal_scorers(cfg):
-    """The scorers that judge every training pair (report.py): the toy task's gold reward and --reward_models
-    -> {name: f(prompts, responses)}; none (no report, no extra inference) with --no-signal."""
+def signal_scorer_names(cfg):
+    """The scorers that judge every training pair (report.py): the toy task's gold reward and --reward_models;
+    none (no report, no extra inference) with --no-signal."""
     if not cfg.signal:
-        return {}
-    names = (["gold"] if cfg.task == "toy" else []) + [n for n in cfg.reward_models.split(",") if n]
-    return {n: evaluate.make_scorer(n, cfg.device, cfg.score_batch_size, cfg.max_length) for n in names}
+        return []
+    return (["gold"] if cfg.task == "toy" else []) + [n.strip() for n in cfg.reward_models.split(",") if n.strip()]
+
+
+def signal_scorers(cfg):
+    """-> {name: f(prompts, responses) -> [float]} for signal_scorer_names(cfg); a reward model loads on first use."""
+    return {n: evaluate.make_scorer(n, cfg.device, cfg.score_batch_size, cfg.max_length, cfg.rm_format,
+                                    cfg.trust_remote_code) for n in signal_scorer_names(cfg)}
 
 
 def scored(run, prompts, responses):
@@ -210,7 +223,7 @@ def dpo_stage(cfg, run, name, start, reference, rows):
         pairs = [row for row, keep in zip(rows, trained) if keep]
         model, tokenizer = _load_trainable(cfg, name, start)
         if not pairs:                       # nothing to learn from: the agent goes on unchanged
-            print(f"{name}: no pair left to train on (all {len(rows)} identical, --identical_pairs drop)",
+            print(f"{name}: no pair to train on ({len(rows)} given, every one identical; --identical_pairs drop)",
                   file=sys.stderr)
             _save(cfg, model, tokenizer, folder)
             return

@@ -66,10 +66,12 @@ def test_stage_signal_reads_pair_files(tmp_path):
     s = report.stage_signal(tmp_path, "round1/student", "gold",
                             kind=lambda turns: "arithmetic" if "+" in turns[-1]["content"] else "harmful")
     assert s["n"] == 2 and s["dropped_identical"] == 1
-    assert (s["chosen_better"], s["rejected_better"], s["equal"], s["identical"]) == (0.5, 0.5, 0.0, 0.0)
+    assert (s["chosen_better"], s["rejected_better"], s["equal"]) == (0.5, 0.5, 0.0)
+    assert s["identical"] == pytest.approx(1 / 3)          # of the pairs given, the dropped one included
     assert (s["pick"], s["oracle"], s["random"]) == (pytest.approx(2 / 3), 1.0, pytest.approx(2 / 3))
     assert s["picked_from"] == {"teacher0": 1, "teacher1": 2}
     assert s["by_kind"]["arithmetic"]["n"] == 2 and s["by_kind"]["harmful"]["n"] == 0
+    assert s["by_kind"]["harmful"]["identical"] == 1.0 and s["by_kind"]["arithmetic"]["identical"] == 0.0
     assert s["by_kind"]["harmful"]["picked_from"] == {"teacher0": 0, "teacher1": 1}
     rm = report.stage_signal(tmp_path, "round1/student", "rm")
     assert (rm["chosen_better"], rm["rejected_better"], rm["equal"]) == (0.0, 0.5, 0.5)
@@ -89,7 +91,7 @@ def test_mean_over_seeds_and_markdown():
     b = {"round1": {"student": {"n": 20, "chosen_better": 0.6, "identical": 0.5, "picked_from": {"t0": 5}}}}
     m = report.mean_over_seeds([a, b])["round1"]["student"]
     assert m["n"] == 15 and m["chosen_better"] == pytest.approx(0.4) and m["identical"] == 0.5
-    assert m["picked_from"] == {"t0": 8} and m["seeds"] == 2
+    assert m["picked_from"] == {"t0": 4} and m["seeds"] == 2
     text = report.table_markdown({"macpo": report.mean_over_seeds([a, b])}, "gold")
     assert "| macpo | round1 | student | 15 | 40.0% | - | - | 50.0% |" in text
 
@@ -108,3 +110,20 @@ def test_score_cache_scores_each_pair_once_in_order():
     out = cache(p * 2 + [[{"role": "user", "content": "other"}]], ["b", "dd", "b"])
     assert out["len"] == [1.0, 2.0, 1.0] and calls[-1] == ["dd", "b"]   # same response, new prompt: scored
     assert not ScoreCache({}) and ScoreCache({})(p, ["x"]) == {}
+
+
+def test_a_run_folder_from_before_the_new_flags_resumes(tmp_path):
+    """config.json written before --identical_pairs / --signal / --reward_models existed: the run resumes with
+    identical_pairs keep (what it trained with) and any reporting flags, and is refused with drop."""
+    import macpo
+    from stages import Run
+    cfg = macpo.parse_config(["--out", str(tmp_path), "--identical_pairs", "keep", "--reward_models", "rm"])
+    old = {k: v for k, v in json.loads(json.dumps(vars(cfg))).items()
+           if k not in ("identical_pairs", "signal", "reward_models", "rm_format")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "DONE").write_text("")
+    Run(cfg)._lock.close()
+    with pytest.raises(SystemExit, match="identical_pairs"):
+        (tmp_path / "config.json").write_text(json.dumps(old))
+        Run(macpo.parse_config(["--out", str(tmp_path)]))
