@@ -222,6 +222,32 @@ def results_markdown(summary, header="", margin=0.0):
     return "\n".join(lines) + "\n"
 
 
+def premises_markdown(by_seed, weak, ceiling, n_test):
+    """The test bed's premises per seed ({seed: toy.premises list}) and, across seeds, its noise: the spread of
+    the weak supervisor and of the ceiling (standard deviations <= 0.05 and <= 0.03) and one seed's standard
+    error at a score of 0.5 (0.5 / sqrt(n_test) <= 0.015) -> a Markdown section."""
+    seeds = list(by_seed)
+    names = list(dict.fromkeys(p["premise"] for ps in by_seed.values() for p in ps))
+    lines = ["### Test-bed premises (measured after initialisation, every seed)", "",
+             "| premise | threshold | " + " | ".join(f"seed {sd}" for sd in seeds) + " |", "|---" * (len(seeds) + 2) + "|"]
+    for name in names:
+        cells, threshold = [], ""
+        for sd in seeds:
+            p = next((p for p in by_seed[sd] if p["premise"] == name), None)
+            threshold = threshold or (p and (f"in [{p['threshold'][0]}, {p['threshold'][1]}]" if p["op"] == "in"
+                                             else f"{p['op']} {p['threshold']}"))
+            cells.append("-" if p is None else f"{p['value']:.3f}{'' if p['pass'] else ' FAIL'}")
+        lines.append(f"| {name} | {threshold} | " + " | ".join(cells) + " |")
+    noise = [("std of the weak supervisor over seeds", mean_std(weak)[1], 0.05),
+             ("std of the ceiling over seeds", mean_std(ceiling)[1], 0.03),
+             ("one seed's standard error at 0.5", 0.5 / math.sqrt(max(n_test, 1)), 0.015)]
+    lines.append("")
+    lines += [f"- {name}: {v:.3f} (<= {t}){'' if v <= t else ' FAIL'}" for name, v, t in noise]
+    failed = sum(not p["pass"] for ps in by_seed.values() for p in ps) + sum(v > t for _, v, t in noise)
+    lines += ["", "Every premise holds in every seed." if not failed else f"{failed} premise checks fail (FAIL above)."]
+    return "\n".join(lines) + "\n"
+
+
 def kinds_markdown(per_method, weak, ceiling):
     """Final strong student per prompt kind: {method: [per seed {kind: mean}]}, and the weak supervisor's and the
     ceiling's [per seed {kind: mean}] -> a Markdown section (mean ± std over seeds)."""

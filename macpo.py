@@ -487,11 +487,33 @@ def signal_blocks(cfg, run, s, evals):
                      "weak_labels": statistics.fmean(weak[scorer])} for scorer in run.score.scorers}
 
 
+def check_premises(cfg, run, s):
+    """The toy test bed's premises (toy.premises: partial, complementary teachers, a strong student, a reachable
+    ceiling, real hard negatives), measured on this seed's agents after initialisation and printed before
+    round 1 -> toy.premises' list, or None off the toy task or without evaluation. Runs the ceiling's stages."""
+    if cfg.task != "toy" or not cfg.evaluate or not s["test"]:
+        return None
+    import toy
+    measured = {a: scores(run, stage, evaluate.gold_scores) for a, stage in s["evals"]["init"].items()}
+    if cfg.ceiling:
+        measured["ceiling"] = scores(run, ceiling_stage(cfg, run, s), evaluate.gold_scores)
+    premises = toy.premises([ex.prompt for ex in s["test"]], measured,
+                            {a: (s["Q"], v) for a, v in s["negatives"].items()}, cfg.weak_label_teacher)
+    if parallel.is_main():
+        failed = [p["premise"] for p in premises if not p["pass"]]
+        print(f"test-bed premises (toy.premises, {len(s['test'])} test prompts): "
+              + ("all hold" if not failed else f"{len(failed)} of {len(premises)} fail: {', '.join(failed)}"))
+        for p in premises:
+            print(f"  {'ok  ' if p['pass'] else 'FAIL'} {p['premise']:<24} {p['value']:.3f}  ({p['op']} {p['threshold']})")
+    return premises
+
+
 def macpo(cfg):
     """One method (--method, default MACPO's Algorithm 1) on one run folder -> ({round: {agent: mean score}},
     {round: {agent: {prompt kind: mean score}}}); both, and the training signal, go to results.json."""
     run = Run(cfg)
     s = initialise(cfg, run)
+    premises = check_premises(cfg, run, s)          # before round 1: is the toy bed a weak-to-strong setting?
     name = variant(cfg)
     evals, pos = METHODS[cfg.method](cfg, run, s, "" if name == "macpo" else f"{name}/")
     if cfg.ceiling:
@@ -506,7 +528,7 @@ def macpo(cfg):
     blocks = signal_blocks(cfg, run, s, evals)
     first = next(iter(blocks), None)         # the first scorer's block also sits at the top level
     write_json(run.out / "results.json", {"metric": "gold reward" if cfg.task == "toy" else None, "method": name,
-                                          "results": results, "results_by_kind": by_kind,
+                                          "results": results, "results_by_kind": by_kind, "premises": premises,
                                           "final": {a: run.name(p) for a, p in pos.items()},
                                           "signal_scorer": first, **(blocks[first] if first else {}),
                                           "signal_by_scorer": blocks})
@@ -537,10 +559,22 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
     for seed in seeds:
         scfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed{seed}"))
         run = Run(scfg)
+        # the seed's shared agents first: the weak supervisor, the ceiling, the bed's premises (printed)
+        s = initialise(scfg, run)
+        premises = check_premises(scfg, run, s)
+        test_prompts = [ex.prompt for ex in s["test"]]
+        blocks = signal_blocks(scfg, run, s, {})
+        weak = scores(run, s["evals"]["init"][s["names"][cfg.weak_label_teacher]], scorer)
+        ceiling = scores(run, ceiling_stage(scfg, run, s), scorer)
+        reference[seed] = {"weak": statistics.fmean(weak), "ceiling": statistics.fmean(ceiling),
+                           "weak_kinds": kind_means(weak, test_prompts, kind_of(cfg)),
+                           "ceiling_kinds": kind_means(ceiling, test_prompts, kind_of(cfg)),
+                           "negatives": {name: b["negatives"] for name, b in blocks.items()},
+                           "weak_labels": {name: b["weak_labels"] for name, b in blocks.items()},
+                           "premises": premises}
         for m in methods:
             mcfg = dataclasses.replace(scfg, **TABLE_METHODS[m])
             s = initialise(mcfg, run)
-            test_prompts = [ex.prompt for ex in s["test"]]
             evals, _ = METHODS[mcfg.method](mcfg, run, s, "" if m == "macpo" else f"{m}/")
             means = mean_scores(run, evals, scorer)
             blocks = signal_blocks(mcfg, run, s, evals)
@@ -550,15 +584,6 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
                 "scores": (final := scores(run, evals[list(evals)[-1]]["student"], scorer)),
                 "kinds": kind_means(final, test_prompts, kind_of(mcfg)),
                 "signal": {name: b["signal"] for name, b in blocks.items()}}
-        s = initialise(scfg, run)
-        blocks = signal_blocks(scfg, run, s, {})
-        weak = scores(run, s["evals"]["init"][s["names"][cfg.weak_label_teacher]], scorer)
-        ceiling = scores(run, ceiling_stage(scfg, run, s), scorer)
-        reference[seed] = {"weak": statistics.fmean(weak), "ceiling": statistics.fmean(ceiling),
-                           "weak_kinds": kind_means(weak, test_prompts, kind_of(cfg)),
-                           "ceiling_kinds": kind_means(ceiling, test_prompts, kind_of(cfg)),
-                           "negatives": {name: b["negatives"] for name, b in blocks.items()},
-                           "weak_labels": {name: b["weak_labels"] for name, b in blocks.items()}}
         del run
     summary = evaluate.summarise(per_seed, reference, "macpo", tie_margin)
     out = Path(cfg.out)
@@ -569,6 +594,9 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
               f"Wall time {time.time() - t0:.0f} s. Written by `python macpo.py table` (run.sh table); "
               f"per-seed numbers in table.json, the plot in rounds.png.")
     text = evaluate.results_markdown(summary, header, tie_margin)
+    if all(reference[sd]["premises"] for sd in seeds):
+        text += "\n" + evaluate.premises_markdown({sd: reference[sd]["premises"] for sd in seeds},
+                                                  summary["weak"], summary["ceiling"], cfg.n_test)
     if kind_of(cfg):
         text += "\n" + evaluate.kinds_markdown({m: [per_seed[m][sd]["kinds"] for sd in seeds] for m in methods},
                                                [reference[sd]["weak_kinds"] for sd in seeds],

@@ -86,6 +86,20 @@ def test_kinds_markdown_means_over_seeds():
     assert "| weak supervisor | 0.200 ± 0.000 | - |" in text and "| ceiling | 1.000 ± 0.000 | 1.000 ± 0.000 |" in text
 
 
+def test_premises_markdown_per_seed_and_noise():
+    ps = {0: [{"premise": "teacher0 score", "value": 0.5, "threshold": (0.35, 0.75), "op": "in", "pass": True},
+              {"premise": "oracle best-of-K", "value": 0.8, "threshold": 0.9, "op": ">=", "pass": False}],
+          1: [{"premise": "teacher0 score", "value": 0.6, "threshold": (0.35, 0.75), "op": "in", "pass": True},
+              {"premise": "oracle best-of-K", "value": 0.95, "threshold": 0.9, "op": ">=", "pass": True}]}
+    text = evaluate.premises_markdown(ps, weak=[0.40, 0.50], ceiling=[0.96, 0.97], n_test=400)
+    assert "| teacher0 score | in [0.35, 0.75] | 0.500 | 0.600 |" in text
+    assert "| oracle best-of-K | >= 0.9 | 0.800 FAIL | 0.950 |" in text
+    assert "std of the weak supervisor over seeds: 0.071 (<= 0.05) FAIL" in text      # stdev(0.4, 0.5)
+    assert "std of the ceiling over seeds: 0.007 (<= 0.03)\n" in text
+    assert "one seed's standard error at 0.5: 0.025 (<= 0.015) FAIL" in text          # 0.5 / sqrt(400)
+    assert "3 premise checks fail" in text
+
+
 # --- reward-model scoring ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
