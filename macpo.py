@@ -106,14 +106,21 @@ class Config:
     eval_temperature: float = 0.0       # test generations: 0 = greedy, so evaluation is exact and repeatable
     gen_batch_size: int = 32
     score_batch_size: int = 32          # perplexity and reference log-prob batches
-    # the toy task (task=toy): tiny Llamas, the strong base pre-trained longer on the task's plain text
+    # the toy task (task=toy): tiny Llamas whose bases are pre-trained here, each on its own share of the
+    # knowledge (toy.py), to convergence; cached by a hash of their recipe, independent of --seed
+    toy_teacher_ops: str = "+,-,*"                   # the operations each weak teacher's base sees (the student: all)
     toy_teacher_sizes: str = "64x2,64x2,64x2"       # hidden x layers per weak teacher
-    toy_student_size: str = "96x2"                   # hidden x layers of the strong student
-    toy_teacher_pretrain_steps: str = "1000,1100,1200"   # pre-training steps per weak teacher (toy.py's docstring
-                                                     # has the measured curve: 0.07 at 900 steps, 0.99 at 1,500)
-    toy_student_pretrain_steps: int = 2000           # pre-training steps of the strong student
+    toy_student_size: str = "80x2"                   # hidden x layers of the strong student
+    toy_teacher_pretrain_steps: str = "1200,1200,1200"   # pre-training steps per weak teacher (measured: one
+                                                     # operation at ~0.95 after 900-1,200 steps of 64, 64x2)
+    toy_student_pretrain_steps: int = 1500           # the student sees three operations: 3x the batch
     toy_pretrain_lr: float = 3e-3
-    toy_pretrain_batch_size: int = 64
+    toy_pretrain_batch_size: int = 64                # the teachers'
+    toy_student_pretrain_batch_size: int = 192
+    toy_base_seed: int = 0                           # the bases' seed (released models are the same in every seed)
+    toy_base_cache: str = ""                         # where pre-trained bases are kept by recipe; "" = OUT/../toy_bases
+    toy_rebuild_bases: bool = False                  # pre-train this run's bases again, replacing the cached ones
+    toy_pretrain_workers: int = 2                    # bases pre-trained at once, one process each
     # LoRA (lora.py, hand-written): the release trains rank-8 adapters on q_proj and v_proj, alpha 16
     lora: str = "none"                  # agents that train adapters instead of all weights: none | all | student | teachers
     lora_rank: int = 8
@@ -195,8 +202,12 @@ def validate(cfg):
         p.append(f"--task {cfg.task} needs real models: pass --teachers A,B,C and --student S (names or folders)")
     if cfg.teachers == "toy":
         sizes, steps = cfg.toy_teacher_sizes.split(","), cfg.toy_teacher_pretrain_steps.split(",")
-        if len(sizes) < cfg.K or len(steps) < cfg.K:
-            p.append(f"--toy_teacher_sizes and --toy_teacher_pretrain_steps need {cfg.K} entries (one per teacher)")
+        ops = cfg.toy_teacher_ops.split(",")
+        if len(sizes) < cfg.K or len(steps) < cfg.K or len(ops) < cfg.K:
+            p.append(f"--toy_teacher_sizes, --toy_teacher_pretrain_steps and --toy_teacher_ops need {cfg.K} "
+                     f"entries (one per teacher)")
+        if any(not o or set(o) - set("+-*") for o in ops):
+            p.append(f"--toy_teacher_ops {cfg.toy_teacher_ops!r}: each teacher's entry is one or more of + - *")
     for name in ("batch_size", "gen_batch_size", "score_batch_size", "grad_accum", "max_new_tokens", "log_every"):
         if getattr(cfg, name) < 1:
             p.append(f"--{name} must be at least 1")

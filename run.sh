@@ -3,7 +3,7 @@
 #
 #   bash run.sh toy        # MAIN JOB: the built-in offline toy task, K = 3 weak teachers, T = 3 rounds, CPU
 #   bash run.sh test       # the test suite (CPU, offline)
-#   bash run.sh table      # every baseline and ablation on the toy task, 3 seeds, CPU: results.md + rounds.png
+#   bash run.sh table      # every baseline and ablation on the toy task, 5 seeds, CPU: results.md + rounds.png
 #   bash run.sh table hh   # the same on HH-Helpful with real models and a reward model (GPU machines)
 #   bash run.sh smoke      # the toy task at the smallest size that runs every stage (seconds)
 #   bash run.sh hh         # HH-Helpful with real models (GPU + hub, or local folders)
@@ -44,18 +44,20 @@ REAL="--max_length 1024 --max_prompt_length 512 --max_new_tokens 256 --batch_siz
 # --lora all: every agent trains rank-8 q,v adapters over its pre-trained base, as the release does. Measured:
 # fully fine-tuned, the 96x2 student memorised its weak labels, so its lowest-perplexity choice among the
 # teachers was mostly its own weak label (wrong answers included) and MACPO had nothing new to learn from.
-TOY="--task toy --n_teachers 3 --toy_teacher_sizes 64x2,64x2,64x2 --toy_teacher_pretrain_steps 1000,1100,1200
-     --toy_student_size 96x2 --toy_student_pretrain_steps 2000 --toy_pretrain_lr 3e-3
+TOY="--task toy --n_teachers 3 --toy_teacher_ops +,-,* --toy_teacher_sizes 64x2,64x2,64x2
+     --toy_teacher_pretrain_steps 1200,1200,1200 --toy_student_size 80x2 --toy_student_pretrain_steps 1500
+     --toy_pretrain_batch_size 64 --toy_student_pretrain_batch_size 192 --toy_pretrain_lr 3e-3
      --template vicuna --system= --max_length 64 --max_prompt_length 32 --max_new_tokens 16
-     --batch_size 64 --score_batch_size 256 --gen_batch_size 256 --teacher_sft_epochs 6 --student_sft_epochs 6
-     --neg_sft_epochs 2 --sft_lr 1e-3 --lora all --dpo_lr 2e-4 --warmup_ratio 0.05 --temperature 0.3 --top_p 1.0"
+     --batch_size 64 --score_batch_size 256 --gen_batch_size 256 --teacher_sft_epochs 6 --student_sft_epochs 3
+     --neg_sft_epochs 8 --sft_lr 1e-3 --lora all --dpo_lr 2e-4 --warmup_ratio 0.05 --temperature 0.3 --top_p 1.0"
 case "$preset" in
-  toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, about 5 minutes on 2 cores
-    exec $PY macpo.py --out runs/toy --n_init 1500 --n_w2s 1500 --n_test 400 $TOY "$@" ;;
+  toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, about 7 minutes on 2 cores
+             # (5 of them pre-training the bases, which later runs reuse)
+    exec $PY macpo.py --out runs/toy --n_init 700 --n_w2s 700 --n_test 1200 $TOY "$@" ;;
   smoke)     # the same pipeline at the smallest size that still runs every stage
     exec $PY macpo.py --out runs/smoke --task toy --n_teachers 3 --n_init 64 --n_w2s 64 --n_test 32 \
       --toy_teacher_sizes 32x1,32x1,32x1 --toy_student_size 32x1 --toy_teacher_pretrain_steps 5,5,5 \
-      --toy_student_pretrain_steps 10 --toy_pretrain_batch_size 16 --template vicuna --system "" \
+      --toy_student_pretrain_steps 10 --toy_pretrain_batch_size 16 --toy_student_pretrain_batch_size 16 --template vicuna --system "" \
       --max_length 64 --max_prompt_length 32 --max_new_tokens 12 --batch_size 16 --teacher_sft_epochs 1 \
       --student_sft_epochs 1 --sft_lr 2e-3 --dpo_lr 2e-4 "$@" ;;
   hh)
@@ -74,17 +76,17 @@ case "$preset" in
     exec $PY bench.py "$@" ;;
   test)
     exec $PY -m pytest tests -q "$@" ;;
-  table)     # MACPO, naive SFT, confident loss, SPIN, self-rewarding, -MP, -HN, K = 1, 2: 3 seeds, one folder
-             # each (runs/table/seed{S}) whose bases and init stages every method shares; writes
-             # runs/table/results.md and rounds.png and prints the table. Each seed is the toy preset's run
-             # (1500 / 1500 / 400 prompts); 3 seeds x 9 methods take about 35 minutes on 2 CPU cores.
+  table)     # MACPO, naive SFT, confident loss, SPIN, self-rewarding, -MP, -HN, K = 1, 2, MACPO with the
+             # release's reference: 5 seeds, one folder each (runs/table/seed{S}) whose init stages every
+             # method shares (the pre-trained bases are shared by every seed: runs/toy_bases); writes
+             # runs/table/results.md and rounds.png and prints the table. Each seed is the toy preset's run.
     if [ "${1:-}" = hh ]; then
       shift        # real data, GPU: scored by a public HH reward model (pass --scorer PATH offline)
       exec $PY macpo.py table --out runs/table-hh --task hh-helpful --teachers "$HH_TEACHERS" \
         --student "$HH_STUDENT" --n_init 5000 --n_w2s 5000 --n_test 2000 --template vicuna $REAL \
         --self_judge llm --scorer OpenAssistant/reward-model-deberta-v3-large-v2 "$@"
     fi
-    exec $PY macpo.py table --out runs/table --seeds 0,1,2 --n_init 1500 --n_w2s 1500 --n_test 400 $TOY "$@" ;;
+    exec $PY macpo.py table --out runs/table --seeds 0,1,2,3,4 --n_init 700 --n_w2s 700 --n_test 1200 $TOY "$@" ;;
   *)
     echo "unknown preset '$preset': choose toy, smoke, hh, harmless, pku, paper, bench, table or test" >&2
     exit 2 ;;

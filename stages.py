@@ -9,10 +9,12 @@ macpo.py; the algorithm lives there).
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -32,7 +34,8 @@ from train import load_model, reference_logps, save_model, train
 # a folder without DONE (or a *.partial one) is never taken for a finished stage. Each stage seeds itself from
 # (seed, name), so a resumed run computes exactly what an uninterrupted one would.
 
-REPORT_ONLY = ("out", "signal", "reward_models", "rm_format")
+REPORT_ONLY = ("out", "signal", "reward_models", "rm_format", "toy_base_cache", "toy_rebuild_bases",
+               "toy_pretrain_workers")
 LEGACY = {"identical_pairs": "keep"}        # runs written before the flag trained on identical pairs
 
 
@@ -320,40 +323,119 @@ def evaluate_stage(cfg, run, name, agent, test):
 
 # ---------------------------------------------------------------------------------------------------------
 # The toy task's agents: tiny Llamas built from configs over a tokenizer trained on the task's text, their
-# bases pre-trained on plain-text arithmetic (the strong student several times longer than the teachers).
+# bases pre-trained on plain text, each on its own share of the knowledge (toy.py). Like released base models
+# they depend on their recipe only, not on the run's seed: they are built once into a cache folder named by a
+# hash of the recipe (--toy_base_cache, default OUT/../toy_bases), where every later run, seed and method of
+# the table finds them, and copied into the run folder (bases/NAME) so that a run folder stands alone.
+
+TOY_BASES_VERSION = 3           # bump when toy.py's corpus, tokenizer or model changes what a recipe builds
+
+
+def toy_recipes(cfg):
+    """-> {name: recipe} for "tokenizer", "teacher0".. and "student": everything that decides the weights."""
+    steps = [int(x) for x in cfg.toy_teacher_pretrain_steps.split(",")[:cfg.K]]
+    sizes, ops = cfg.toy_teacher_sizes.split(",")[:cfg.K], cfg.toy_teacher_ops.split(",")[:cfg.K]
+    common = {"version": TOY_BASES_VERSION, "seed": cfg.toy_base_seed, "lr": cfg.toy_pretrain_lr,
+              "max_length": cfg.max_length}
+    recipes = {"tokenizer": {"version": TOY_BASES_VERSION, "seed": cfg.toy_base_seed}}
+    for k in range(cfg.K):
+        recipes[f"teacher{k}"] = dict(common, size=sizes[k], ops=ops[k], steps=steps[k],
+                                      batch_size=cfg.toy_pretrain_batch_size)
+    recipes["student"] = dict(common, size=cfg.toy_student_size, ops="".join(__import__("toy").OPS),
+                              steps=cfg.toy_student_pretrain_steps, batch_size=cfg.toy_student_pretrain_batch_size)
+    return recipes
+
+
+def recipe_hash(recipe):
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pretrain_base(job):
+    """Pre-train one toy base into job["folder"] (a fresh temporary folder): language modelling of the
+    continuation given its context, one pass over fresh rows of toy.pretraining_corpus. Top level, so that a
+    worker process can run it."""
+    import toy
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    torch.set_num_threads(job["threads"])
+    recipe, folder = job["recipe"], Path(job["folder"])
+    tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
+    hidden, layers = (int(x) for x in recipe["size"].split("x"))
+    seed = zlib.crc32(recipe_hash(recipe).encode())
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(toy.model_config(tokenizer, hidden, layers))
+    corpus = toy.pretraining_corpus(f"{recipe['seed']}-{recipe['ops']}", recipe["steps"] * recipe["batch_size"],
+                                    tuple(recipe["ops"]))
+    with open(folder / "metrics.jsonl", "w") as log:
+        train(model, tokenizer, [(c, y, None) for c, y in corpus], kind="sft", epochs=1, lr=recipe["lr"],
+              batch_size=recipe["batch_size"], max_length=recipe["max_length"], warmup_ratio=0.05, seed=seed,
+              log_every=50, log_file=log, desc=job["desc"], parallel_mode="none")
+    save_model(model, tokenizer, folder)
+    write_json(folder / "recipe.json", recipe)
+
+
+def _build_cache(cache, recipes, workers):
+    """Every base whose recipe is not in the cache yet, pre-trained there, two at a time in worker processes
+    (each on one core: these models are too small to use two, so two processes are about twice as fast)."""
+    import toy
+    folders = {name: cache / f"{name.rstrip('0123456789')}-{recipe_hash(r)}" for name, r in recipes.items()}
+    tokenizer = folders.pop("tokenizer")
+    if not (tokenizer / "DONE").exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
+        toy.train_tokenizer(toy.tokenizer_texts(toy.pretraining_corpus(f"{recipes['tokenizer']['seed']}-tokenizer",
+                                                                      5000))).save_pretrained(tmp)
+        _publish(tmp, tokenizer)
+    todo = [name for name, f in folders.items() if not (f / "DONE").exists()]
+    jobs = sorted(({"recipe": recipes[n], "folder": tempfile.mkdtemp(dir=cache, prefix=".tmp-"), "tokenizer": str(tokenizer),
+                    "desc": f"pre-train {n} ({recipes[n]['size']}, {recipes[n]['ops']})", "name": n} for n in todo),
+                  key=lambda j: -j["recipe"]["steps"] * j["recipe"]["batch_size"])      # the longest first
+    workers = max(1, min(workers, len(jobs)))
+    for job in jobs:
+        job["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    if workers == 1 and parallel.world_size() == 1:     # under torchrun a worker keeps training out of the group
+        for job in jobs:
+            _pretrain_base(job)
+    else:
+        import concurrent.futures
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_pretrain_base, jobs))          # re-raises a worker's error here
+    for job in jobs:
+        _publish(Path(job["folder"]), folders[job["name"]])
+    return tokenizer, folders
+
+
+def _publish(tmp, final):
+    """Mark a finished cache folder DONE and move it into place (another process may have been first)."""
+    (tmp / "DONE").write_text("")
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
 
 def toy_bases(cfg, run, task):
-    import toy
-    from transformers import LlamaForCausalLM
-    steps = [int(x) for x in cfg.toy_teacher_pretrain_steps.split(",")[:cfg.K]] + [cfg.toy_student_pretrain_steps]
-    corpus = toy.pretraining_corpus(cfg.seed, max(steps) * cfg.toy_pretrain_batch_size)
+    """-> ([teacher base folders], student base folder) in the run folder (bases/NAME), copied from the cache,
+    which is built first where it lacks a recipe (--toy_rebuild_bases: always)."""
+    recipes = toy_recipes(cfg)
+    cache = Path(cfg.toy_base_cache or Path(cfg.out).resolve().parent / "toy_bases")
+    if parallel.is_main():
+        cache.mkdir(parents=True, exist_ok=True)
+        if cfg.toy_rebuild_bases and not (run.out / "bases" / "student" / "DONE").exists():
+            for name, recipe in recipes.items():
+                shutil.rmtree(cache / f"{name.rstrip('0123456789')}-{recipe_hash(recipe)}", ignore_errors=True)
+        tokenizer, folders = _build_cache(cache, recipes, cfg.toy_pretrain_workers)
+    parallel.barrier()
+    tokenizer = cache / f"tokenizer-{recipe_hash(recipes['tokenizer'])}"
 
-    def build_tokenizer(folder):
-        toy.train_tokenizer(toy.tokenizer_texts(task, corpus[:5000])).save_pretrained(folder)
-    tokenizer_dir = run.stage("bases/tokenizer", build_tokenizer)
-
-    def base(name, size, steps):
-        hidden, layers = (int(x) for x in size.split("x"))
-
+    def copy(name, source):
         def build(folder):
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-            torch.manual_seed(run.seed(name))
-            model = LlamaForCausalLM(toy.model_config(tokenizer, hidden, layers)).to(cfg.device)
-            # language modelling of worked examples, one pass over fresh ones: the equation scored given its
-            # question (toy.pretraining_corpus)
-            rows = [(q, eq, None) for q, eq in corpus[:steps * cfg.toy_pretrain_batch_size]]
-            with _log_file(folder) as log:
-                train(model, tokenizer, rows, kind="sft", epochs=1,
-                      lr=cfg.toy_pretrain_lr, batch_size=cfg.toy_pretrain_batch_size, max_length=cfg.max_length,
-                      warmup_ratio=0.05, seed=run.seed(name), log_every=cfg.log_every, log_file=log, desc=name,
-                      parallel_mode=cfg.parallel)
-            save_model(model, tokenizer, folder)
+            if parallel.is_main():
+                shutil.copytree(source, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
         return run.stage(f"bases/{name}", build)
-
-    sizes = cfg.toy_teacher_sizes.split(",")
-    teachers = [base(f"teacher{k}", sizes[k], steps[k]) for k in range(cfg.K)]
-    return teachers, base("student", cfg.toy_student_size, steps[-1])
+    copy("tokenizer", tokenizer)
+    names = [f"teacher{k}" for k in range(cfg.K)] + ["student"]
+    bases = [copy(n, cache / f"{n.rstrip('0123456789')}-{recipe_hash(recipes[n])}") for n in names]
+    return bases[:-1], bases[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------

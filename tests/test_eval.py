@@ -106,7 +106,7 @@ def test_premises_markdown_per_seed_and_noise():
 def reward_model():
     from transformers import LlamaForSequenceClassification
     init, w2s, test = toy.make_task(0, 20, 10, 10)
-    tokenizer = toy.train_tokenizer(toy.tokenizer_texts((init, w2s, test), toy.pretraining_corpus(0, 200)))
+    tokenizer = toy.train_tokenizer(toy.tokenizer_texts(toy.pretraining_corpus(0, 200)))
     config = toy.model_config(tokenizer, 32, 2, max_positions=128)
     config.num_labels = 1
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the smoke preset's sizes (run.sh smoke): every stage runs, on tiny models, in well under a minute
 SMOKE = ["--task", "toy", "--n_teachers", "3", "--n_init", "48", "--n_w2s", "32", "--n_test", "16",
          "--toy_teacher_sizes", "32x1,32x1,32x1", "--toy_student_size", "32x1",
-         "--toy_teacher_pretrain_steps", "4,4,4", "--toy_student_pretrain_steps", "8", "--toy_pretrain_batch_size", "16",
+         "--toy_teacher_pretrain_steps", "4,4,4", "--toy_student_pretrain_steps", "8", "--toy_pretrain_batch_size", "16", "--toy_student_pretrain_batch_size", "16",
          "--system", "", "--max_length", "64", "--max_prompt_length", "32", "--max_new_tokens", "10",
          "--batch_size", "16", "--teacher_sft_epochs", "1", "--student_sft_epochs", "1", "--sft_lr", "2e-3",
          "--dpo_lr", "2e-4", "--log_every", "1", "--device", "cpu"]
@@ -259,3 +259,32 @@ def test_lora_run_trains_only_adapters_and_merges(tmp_path):
         assert torch.allclose(adapted.eval()(ids).logits, plain(ids).logits, atol=1e-5)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_toy_bases_are_cached_by_recipe_and_shared_across_seeds(tmp_path):
+    """Pre-trained once into OUT/../toy_bases/NAME-HASH; a second run (another seed too) copies them; a changed
+    recipe adds a base; --toy_rebuild_bases trains again."""
+    from stages import Run, toy_bases
+    from test_reliability import SMALL
+
+    def bases(name, *flags):
+        cfg = macpo.parse_config(SMALL + ["--out", str(tmp_path / name), *flags])
+        teachers, student = toy_bases(cfg, Run(cfg), None)
+        return [Path(t) for t in teachers] + [Path(student)]
+    cache = tmp_path / "toy_bases"
+    first = bases("a", "--toy_pretrain_workers", "2")
+    entries = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+    assert [e.split("-")[0] for e in entries] == ["student", "teacher", "teacher", "tokenizer"]
+    stamp = {e: (cache / e / "DONE").stat().st_mtime_ns for e in entries}
+    second = bases("b", "--seed", "7")                          # another seed, the same bases
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == entries
+    assert {e: (cache / e / "DONE").stat().st_mtime_ns for e in entries} == stamp
+    for x, y in zip(first, second):
+        assert (x / "model.safetensors").read_bytes() == (y / "model.safetensors").read_bytes()
+    bases("c", "--toy_student_pretrain_steps", "9")             # one recipe changed: one more base
+    now = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+    assert len(now) == 5 and set(entries) < set(now) and sum(e.startswith("student") for e in now) == 2
+    bases("d", "--toy_rebuild_bases", "--toy_pretrain_workers", "1")
+    student = next(e for e in entries if e.startswith("student"))
+    assert (cache / student / "DONE").stat().st_mtime_ns != stamp[student]
+    assert json.loads((cache / student / "recipe.json").read_text())["steps"] == 8

@@ -198,7 +198,7 @@ def test_handpicked_bad_records_load_or_raise_data_error(tmp_path, capsys, name,
 
 SMALL = ["--task", "toy", "--n_teachers", "2", "--rounds", "1", "--n_init", "48", "--n_w2s", "32", "--n_test", "16",
          "--toy_teacher_sizes", "32x1,32x1", "--toy_student_size", "32x1", "--toy_teacher_pretrain_steps", "4,4",
-         "--toy_student_pretrain_steps", "8", "--toy_pretrain_batch_size", "16", "--system", "", "--max_length", "64",
+         "--toy_student_pretrain_steps", "8", "--toy_pretrain_batch_size", "16", "--toy_student_pretrain_batch_size", "16", "--system", "", "--max_length", "64",
          "--max_prompt_length", "32", "--max_new_tokens", "10", "--batch_size", "16", "--teacher_sft_epochs", "1",
          "--student_sft_epochs", "1", "--sft_lr", "2e-3", "--dpo_lr", "2e-4", "--log_every", "1", "--device", "cpu",
          "--no-evaluate", "--no-ceiling"]
