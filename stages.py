@@ -328,7 +328,7 @@ def evaluate_stage(cfg, run, name, agent, test):
 # hash of the recipe (--toy_base_cache, default OUT/../toy_bases), where every later run, seed and method of
 # the table finds them, and copied into the run folder (bases/NAME) so that a run folder stands alone.
 
-TOY_BASES_VERSION = 3           # bump when toy.py's corpus, tokenizer or model changes what a recipe builds
+TOY_BASES_VERSION = 4           # bump when toy.py's corpus, tokenizer or model changes what a recipe builds
 
 
 def toy_recipes(cfg):
@@ -368,7 +368,7 @@ def _pretrain_base(job):
     with open(folder / "metrics.jsonl", "w") as log:
         train(model, tokenizer, [(c, y, None) for c, y in corpus], kind="sft", epochs=1, lr=recipe["lr"],
               batch_size=recipe["batch_size"], max_length=recipe["max_length"], warmup_ratio=0.05, seed=seed,
-              log_every=50, log_file=log, desc=job["desc"], parallel_mode="none")
+              log_every=50, log_file=log, desc=job["desc"], parallel_mode="none", length_window=1)
     save_model(model, tokenizer, folder)
     write_json(folder / "recipe.json", recipe)
 

@@ -166,7 +166,7 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
           max_prompt_length=None, reference=None, beta=0.1, sft_weight=0.2, loss_type="sigmoid",
           label_smoothing=0.0, warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0, seed=0, log_every=10,
           log_file=None, desc="train", progress=True, confident_weight=0.75, confident_warmup=0.2,
-          parallel_mode="ddp", share_prompts=True):
+          parallel_mode="ddp", share_prompts=True, length_window=16):
     """Train `model` in place on rows [(prompt_text, chosen, rejected)] and return the list of logged stats.
 
     kind="sft": minimise sft_loss on `chosen` (rejected unused), the mean over the batch's examples.
@@ -177,6 +177,9 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
         (Burns et al. 2023: alpha_max 0.75, warm-up over the first 20% of training).
     share_prompts: in the preference update, a pair's chosen and rejected responses follow one pass of their
         prompt (generate.pack_rows) instead of two padded rows; False is the [2B, T] batch (kept to compare).
+    length_window: batches are cut from windows of this many batches sorted by length (less padding); 1 keeps
+        every batch a uniform sample, which pre-training on mixed kinds of rows needs (toy bases: when length
+        tells the kinds apart, sorted batches each hold mostly one kind).
     AdamW, linear warm-up then cosine decay to 0 (the release: cosine, no warm-up), gradient clipping on.
     Statistics stay on the device and are read (.item(), a sync) only every `log_every` optimizer steps.
     Under torchrun every rank builds the same global batches and takes its share of each (parallel_mode ddp
@@ -192,7 +195,7 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
         reference_chosen, reference_rejected = (r.to(device) for r in reference)
     lengths = [len(c[0]) + (len(rejected[i][0]) if rejected else 0) for i, c in enumerate(chosen)]
     generator = torch.Generator().manual_seed(seed)
-    batches = [b for _ in range(epochs) for b in _bucketed_batches(lengths, batch_size, generator)]
+    batches = [b for _ in range(epochs) for b in _bucketed_batches(lengths, batch_size, generator, length_window)]
     total_steps = max(1, math.ceil(len(batches) / grad_accum))
     warmup = int(warmup_ratio * total_steps)
     scorer = wrap(model, parallel_mode)          # after this, FSDP's parameters are the sharded ones

@@ -220,3 +220,18 @@ def test_sampling_is_deterministic_for_a_seed(model, tokenizer):
     b = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5, progress=False)
     c = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=6, progress=False)
     assert a == b and a != c
+
+
+def test_bucketed_batches_sort_within_windows_and_window_one_keeps_batches_uniform():
+    from train import _bucketed_batches
+    lengths = [i % 2 for i in range(64)]                     # two kinds of rows, told apart by length
+    sorted_batches = _bucketed_batches(lengths, 8, torch.Generator().manual_seed(0), window=8)
+    assert all(len({lengths[i] for i in b}) == 1 for b in sorted_batches)          # each batch one kind
+    uniform = _bucketed_batches(lengths, 8, torch.Generator().manual_seed(0), window=1)
+    assert sorted(i for b in uniform for i in b) == list(range(64))
+    # window 1: the batches are consecutive slices of one random permutation, as drawn here independently
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(64, generator=g).tolist()
+    slices = [perm[j:j + 8] for j in range(0, 64, 8)]
+    assert sorted(map(sorted, uniform)) == sorted(map(sorted, slices))
+    assert sum(len({lengths[i] for i in b}) == 2 for b in uniform) >= 6            # mixed kinds
