@@ -51,8 +51,8 @@ TOY="--task toy --n_teachers 3 --toy_teacher_ops +,-,* --toy_teacher_sizes 64x2,
      --batch_size 64 --score_batch_size 256 --gen_batch_size 256 --teacher_sft_epochs 6 --student_sft_epochs 3
      --neg_sft_epochs 8 --sft_lr 1e-3 --lora all --dpo_lr 2e-4 --warmup_ratio 0.05 --temperature 0.3 --top_p 1.0"
 case "$preset" in
-  toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, about 7 minutes on 2 cores
-             # (5 of them pre-training the bases, which later runs reuse)
+  toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, about 8 minutes on 2 cores
+             # (6.5 of them pre-training the bases, which later runs reuse)
     exec $PY macpo.py --out runs/toy --n_init 700 --n_w2s 700 --n_test 1200 $TOY "$@" ;;
   smoke)     # the same pipeline at the smallest size that still runs every stage
     exec $PY macpo.py --out runs/smoke --task toy --n_teachers 3 --n_init 64 --n_w2s 64 --n_test 32 \
