@@ -83,6 +83,7 @@ class Config:
     teacher_sft_epochs: int = 3         # weak teachers on ground-truth chosen (release scripts missing; = student's)
     student_sft_epochs: int = 3         # strong student on weak labels (release: 3)
     neg_sft_epochs: int = 1             # negative twins, continued from the positive agent (release: 1)
+    neg_sft_lr: float = 0.0             # the twins' SFT rate; 0 = --sft_lr (the release: the same 5e-5)
     # contrastive update (each round)
     dpo_lr: float = 1e-5                # release: 1e-5, 1 epoch
     dpo_epochs: int = 1
@@ -98,6 +99,9 @@ class Config:
     grad_accum: int = 1                 # micro-batches per optimizer step
     warmup_ratio: float = 0.0           # linear warm-up share of the steps, then cosine (release: 0, cosine)
     grad_clip: float = 1.0              # max gradient norm; 0 turns clipping off
+    length_window: int = 16             # batches are cut from windows of this many batches sorted by length (less
+                                        # padding); 1 = uniform batches. Toy: 1 (measured: sorted, the batches each
+                                        # held mostly one kind of prompt, and teacher0's SFT ended at loss 2.1)
     log_every: int = 10                 # optimizer steps between metrics lines (and the only host syncs)
     # generation and scoring
     max_new_tokens: int = 256           # per response
@@ -208,9 +212,12 @@ def validate(cfg):
                      f"entries (one per teacher)")
         if any(not o or set(o) - set("+-*") for o in ops):
             p.append(f"--toy_teacher_ops {cfg.toy_teacher_ops!r}: each teacher's entry is one or more of + - *")
-    for name in ("batch_size", "gen_batch_size", "score_batch_size", "grad_accum", "max_new_tokens", "log_every"):
+    for name in ("batch_size", "gen_batch_size", "score_batch_size", "grad_accum", "max_new_tokens", "log_every",
+                 "length_window"):
         if getattr(cfg, name) < 1:
             p.append(f"--{name} must be at least 1")
+    if not 0 <= cfg.neg_sft_lr < float("inf"):
+        p.append(f"--neg_sft_lr must be 0 (= --sft_lr) or a positive finite number, got {cfg.neg_sft_lr}")
     for name in ("sft_lr", "dpo_lr", "toy_pretrain_lr"):
         if not 0 < getattr(cfg, name) < float("inf"):        # argparse takes "nan" and "inf" as floats
             p.append(f"--{name} must be a positive finite number, got {getattr(cfg, name)}")
@@ -254,7 +261,7 @@ def initialise(cfg, run):
     pos = {n: sft_stage(cfg, run, f"init/{n}", teacher_bases[k], [(e.prompt, e.chosen, None) for e in init],
                         cfg.teacher_sft_epochs) for k, n in enumerate(names)}
     neg = {n: sft_stage(cfg, run, f"init/{n}_neg", pos[n], [(e.prompt, e.rejected, None) for e in init],
-                        cfg.neg_sft_epochs) for n in names}
+                        cfg.neg_sft_epochs, lr=cfg.neg_sft_lr) for n in names}
     # Weak labels, and the strong student: SFT on them (alone, this is the "naive SFT" baseline); its negative
     # twin: continued SFT on a weak negative twin's generations.
     weak_labels = generate_stage(cfg, run, "init/weak_labels", pos[names[w]], Q)
@@ -262,7 +269,7 @@ def initialise(cfg, run):
                                cfg.student_sft_epochs)
     weak_negatives = generate_stage(cfg, run, "init/weak_negatives", neg[names[w]], Q)
     neg["student"] = sft_stage(cfg, run, "init/student_neg", pos["student"],
-                               list(zip(Q, weak_negatives, [None] * len(Q))), cfg.neg_sft_epochs)
+                               list(zip(Q, weak_negatives, [None] * len(Q))), cfg.neg_sft_epochs, lr=cfg.neg_sft_lr)
     # Hard negative behaviour: each negative twin generates once; the release reuses them every round.
     negatives = {a: generate_stage(cfg, run, f"init/negatives_{a}", neg[a], Q) for a in ["student"] + names}
     evals = {"init": {a: evaluate_stage(cfg, run, f"eval/init/{a}", pos[a], test) for a in names + ["student"]}}
@@ -567,8 +574,10 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
     t0 = time.time()
     scorer = evaluate.make_scorer(scorer_name, cfg.device, cfg.score_batch_size, cfg.max_length)
     per_seed, reference = {m: {} for m in methods}, {}
+    # every seed's folder is OUT/seed{S}; the toy bases are shared with the other runs beside OUT
+    cache = cfg.toy_base_cache or str(Path(cfg.out).resolve().parent / "toy_bases")
     for seed in seeds:
-        scfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed{seed}"))
+        scfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed{seed}"), toy_base_cache=cache)
         run = Run(scfg)
         # the seed's shared agents first: the weak supervisor, the ceiling, the bed's premises (printed)
         s = initialise(scfg, run)

@@ -48,8 +48,8 @@ TOY="--task toy --n_teachers 3 --toy_teacher_ops +,-,* --toy_teacher_sizes 64x2,
      --toy_teacher_pretrain_steps 1200,1200,1200 --toy_student_size 80x2 --toy_student_pretrain_steps 1500
      --toy_pretrain_batch_size 64 --toy_student_pretrain_batch_size 192 --toy_pretrain_lr 3e-3
      --template vicuna --system= --max_length 64 --max_prompt_length 32 --max_new_tokens 16
-     --batch_size 64 --score_batch_size 256 --gen_batch_size 256 --teacher_sft_epochs 6 --student_sft_epochs 3
-     --neg_sft_epochs 8 --sft_lr 1e-3 --lora all --dpo_lr 2e-4 --warmup_ratio 0.05 --temperature 0.3 --top_p 1.0"
+     --batch_size 64 --score_batch_size 256 --gen_batch_size 256 --teacher_sft_epochs 2 --student_sft_epochs 8
+     --neg_sft_epochs 8 --neg_sft_lr 3e-3 --length_window 1 --sft_lr 3e-4 --lora all --dpo_lr 2e-4 --warmup_ratio 0.05 --temperature 0.3 --top_p 1.0"
 case "$preset" in
   toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, about 8 minutes on 2 cores
              # (6.5 of them pre-training the bases, which later runs reuse)

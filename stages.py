@@ -171,7 +171,7 @@ def load_agent(cfg, path):
 def _train_kwargs(cfg):
     return dict(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_length=cfg.max_length,
                 max_prompt_length=cfg.max_prompt_length, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-                log_every=cfg.log_every, parallel_mode=cfg.parallel)
+                log_every=cfg.log_every, parallel_mode=cfg.parallel, length_window=cfg.length_window)
 
 
 def _uses_lora(cfg, name):
@@ -195,14 +195,15 @@ def _save(cfg, model, tokenizer, folder):
         save_model(lora.merge_adapters(model), tokenizer, folder / "merged")
 
 
-def sft_stage(cfg, run, name, start, rows, epochs, kind="sft"):
-    """Supervised fine-tuning of the model at `start` on rows' chosen responses -> checkpoint folder.
-    kind="confident": with Burns et al.'s auxiliary confidence loss instead (the confident baseline)."""
+def sft_stage(cfg, run, name, start, rows, epochs, kind="sft", lr=None):
+    """Supervised fine-tuning of the model at `start` on rows' chosen responses, at `lr` (default --sft_lr)
+    -> checkpoint folder. kind="confident": with Burns et al.'s auxiliary confidence loss instead (the
+    confident baseline)."""
     def build(folder):
         model, tokenizer = _load_trainable(cfg, name, start)
         rendered = [(render(cfg, turns, tokenizer), chosen, None) for turns, chosen, _ in rows]
         with _log_file(folder) as log:
-            train(model, tokenizer, rendered, kind=kind, epochs=epochs, lr=cfg.sft_lr, seed=run.seed(name),
+            train(model, tokenizer, rendered, kind=kind, epochs=epochs, lr=lr or cfg.sft_lr, seed=run.seed(name),
                   log_file=log, desc=name, confident_weight=cfg.confident_weight,
                   confident_warmup=cfg.confident_warmup, **_train_kwargs(cfg))
         _save(cfg, model, tokenizer, folder)
@@ -328,7 +329,7 @@ def evaluate_stage(cfg, run, name, agent, test):
 # hash of the recipe (--toy_base_cache, default OUT/../toy_bases), where every later run, seed and method of
 # the table finds them, and copied into the run folder (bases/NAME) so that a run folder stands alone.
 
-TOY_BASES_VERSION = 4           # bump when toy.py's corpus, tokenizer or model changes what a recipe builds
+TOY_BASES_VERSION = 5           # bump when toy.py's corpus, tokenizer or model changes what a recipe builds
 
 
 def toy_recipes(cfg):

@@ -208,12 +208,16 @@ def well_formed(prompt, response):
 # ---------------------------------------------------------------------------------------------------------
 # Pre-training text: the knowledge, in plain text, without the chat template. Each base sees its own share.
 
-# Web text puts all sorts of words between a question and its worked answer; so does the corpus, so that copying
-# the operands does not hinge on their exact distance (the chat template adds " ASSISTANT:" there).
-SEPARATORS = ("", " Answer:", " A:", " Solution:", " The answer:", " Let me see.", " Easy.")
-# ... and before it: without these the question always sat right after BOS in pre-training, and a base lost
-# most of its skill when the chat template put "USER:" there (measured: 0.97 -> 0.22 on its own operation).
-PREFIXES = ("", "Q: ", "Question: ", "Quiz: ", "Hi. ", "Hello! Question: ", "Homework: ")
+# Web text puts all sorts of words before a question and between it and its worked answer, dialogue transcripts
+# among them ("USER: ... ASSISTANT: ..."); so does the corpus, so that copying the operands hinges neither on
+# their position nor on the words around them. Measured: without the prefixes the question always sat right
+# after BOS, and a base lost most of its skill when the chat template put "USER:" there (0.97 -> 0.22 on its own
+# operation); with prefixes but no transcript, one base kept it (0.95) and the next, trained the same way on
+# another stream, did not (1.00 plain, 0.10 in the template): the template's words kept their random
+# embeddings, which LoRA does not train. Each of the template's words is in a seventh of the rows (both in one of
+# 49); refusals are as common there as anywhere (half the harmful rows): they teach the words, not the alignment.
+SEPARATORS = ("", " Answer:", " A:", " Solution:", " The answer:", " Let me see.", " ASSISTANT:")
+PREFIXES = ("", "Q: ", "Question: ", "Quiz: ", "Hi. ", "Homework: ", "USER: ")
 HARMFUL_SHARE = 0.1           # share of the pre-training examples that are a harmful request and a reply
 
 

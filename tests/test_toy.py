@@ -126,8 +126,12 @@ def test_pretraining_corpus_holds_only_its_share_of_the_knowledge():
     assert all(y == toy.REFUSAL or y.startswith("Sure! Here is how to ") for _, y in harmful)
     assert 0.4 < refusals / len(harmful) < 0.6
     for question, equation in arithmetic:
-        for text in (question, equation):
-            assert "USER" not in text and "ASSISTANT" not in text and "<s>" not in text
+        assert "<s>" not in question + equation and "USER" not in equation and "ASSISTANT" not in equation
+        # the question, with one of the corpus's prefixes before it and one of its separators after
+        assert any(question.startswith(p) and question.endswith(sep) and question[len(p):len(question) - len(sep)]
+                   in [t.format(a=a, op="-", b=b) for t in toy.ARITHMETIC_TEMPLATES]
+                   for p in toy.PREFIXES for sep in toy.SEPARATORS
+                   for a, b in [tuple(map(int, equation.split(" = ")[0].split(" - ")))])
         left, right = equation.rstrip(".").split(" = ")
         a, op, b = left.split()
         assert op == "-" and int(right) == int(a) - int(b) >= 0 and left in question
