@@ -214,6 +214,9 @@ def stage_folders(out):
     (["--dpo_lr", "nan"], "--dpo_lr"),
     (["--teachers", "a,b", "--student", "toy"], "--teachers"),
     (["--weak_label_teacher", "5"], "--weak_label_teacher"),
+    (["--neg_sft_lr", "-1"], "--neg_sft_lr"),
+    (["--length_window", "0"], "--length_window"),
+    (["--toy_teacher_ops", "+,/"], "--toy_teacher_ops"),
 ])
 def test_incompatible_flags_are_refused_naming_the_flag(tmp_path, capsys, flags, named):
     with pytest.raises(SystemExit) as e:
