@@ -298,6 +298,7 @@ def plot_rounds(summary, path, ylabel="gold reward"):
     import matplotlib
     matplotlib.use("Agg")                       # no display on CI machines
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, (ax, gain) = plt.subplots(1, 2, figsize=(12, 4.5))
     methods = summary["methods"]
     T = max(len(m["student"]) for m in methods.values())
@@ -321,6 +322,7 @@ def plot_rounds(summary, path, ylabel="gold reward"):
     gain.axhline(0.0, color="grey", linewidth=0.8)
     for a in (ax, gain):
         a.set_xlabel("round (0 = after initialisation)")
+        a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))      # rounds are whole numbers
     ax.set_ylabel(f"{ylabel} (mean over seeds)")
     gain.set_ylabel(f"{ylabel} minus the seed's naive-SFT student")
     ax.legend(fontsize=8, ncol=2)
