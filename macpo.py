@@ -33,7 +33,7 @@ import parallel
 import report
 from generate import generate, perplexity
 from stages import (Run, dpo_stage, evaluate_stage, generate_stage, load_agent, load_task, read_jsonl, render,
-                    scored, select_positives_stage, sft_stage, teacher_pairs_stage, toy_bases,
+                    scored, select_positives_stage, sft_stage, teacher_pairs_stage, toy_base_cache, toy_bases,
                     write_json, write_jsonl, write_text)
 from train import ModelLoadError, NonFiniteError, check_model, default_device
 
@@ -250,7 +250,7 @@ def initialise(cfg, run):
         check_models(cfg)                                      # every model, before the first one trains
     Q = [ex.prompt for ex in w2s]
     if cfg.task == "toy":
-        teacher_bases, student_base = toy_bases(cfg, run, (init, w2s, test))
+        teacher_bases, student_base = toy_bases(cfg, run)
     else:
         teacher_bases, student_base = cfg.teachers.split(","), cfg.student
     names = [f"teacher{k}" for k in range(cfg.K)]
@@ -574,8 +574,7 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
     t0 = time.time()
     scorer = evaluate.make_scorer(scorer_name, cfg.device, cfg.score_batch_size, cfg.max_length)
     per_seed, reference = {m: {} for m in methods}, {}
-    # every seed's folder is OUT/seed{S}; the toy bases are shared with the other runs beside OUT
-    cache = cfg.toy_base_cache or str(Path(cfg.out).resolve().parent / "toy_bases")
+    cache = str(toy_base_cache(cfg))     # every seed's folder is OUT/seed{S}; the toy bases sit beside OUT
     for seed in seeds:
         scfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed{seed}"), toy_base_cache=cache)
         run = Run(scfg)

@@ -334,6 +334,7 @@ TOY_BASES_VERSION = 5           # bump when toy.py's corpus, tokenizer or model 
 
 def toy_recipes(cfg):
     """-> {name: recipe} for "tokenizer", "teacher0".. and "student": everything that decides the weights."""
+    import toy
     steps = [int(x) for x in cfg.toy_teacher_pretrain_steps.split(",")[:cfg.K]]
     sizes, ops = cfg.toy_teacher_sizes.split(",")[:cfg.K], cfg.toy_teacher_ops.split(",")[:cfg.K]
     common = {"version": TOY_BASES_VERSION, "seed": cfg.toy_base_seed, "lr": cfg.toy_pretrain_lr,
@@ -342,13 +343,24 @@ def toy_recipes(cfg):
     for k in range(cfg.K):
         recipes[f"teacher{k}"] = dict(common, size=sizes[k], ops=ops[k], steps=steps[k],
                                       batch_size=cfg.toy_pretrain_batch_size)
-    recipes["student"] = dict(common, size=cfg.toy_student_size, ops="".join(__import__("toy").OPS),
+    recipes["student"] = dict(common, size=cfg.toy_student_size, ops="".join(toy.OPS),
                               steps=cfg.toy_student_pretrain_steps, batch_size=cfg.toy_student_pretrain_batch_size)
     return recipes
 
 
 def recipe_hash(recipe):
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def toy_base_cache(cfg):
+    """The cache folder: --toy_base_cache, or toy_bases beside the run folder (runs/toy -> runs/toy_bases)."""
+    return Path(cfg.toy_base_cache or Path(cfg.out).resolve().parent / "toy_bases")
+
+
+def toy_base_folders(cfg):
+    """-> {name: its cache folder, NAME-HASH ("teacher0" -> teacher-<hash>: teachers with one recipe share it)}."""
+    cache = toy_base_cache(cfg)
+    return {name: cache / f"{name.rstrip('0123456789')}-{recipe_hash(r)}" for name, r in toy_recipes(cfg).items()}
 
 
 def _pretrain_base(job):
@@ -374,22 +386,24 @@ def _pretrain_base(job):
     write_json(folder / "recipe.json", recipe)
 
 
-def _build_cache(cache, recipes, workers):
+def _build_cache(cfg):
     """Every base whose recipe is not in the cache yet, pre-trained there, two at a time in worker processes
     (each on one core: these models are too small to use two, so two processes are about twice as fast)."""
     import toy
-    folders = {name: cache / f"{name.rstrip('0123456789')}-{recipe_hash(r)}" for name, r in recipes.items()}
-    tokenizer = folders.pop("tokenizer")
-    if not (tokenizer / "DONE").exists():
+    recipes, folders = toy_recipes(cfg), toy_base_folders(cfg)
+    cache = toy_base_cache(cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (folders["tokenizer"] / "DONE").exists():
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
         toy.train_tokenizer(toy.tokenizer_texts(toy.pretraining_corpus(f"{recipes['tokenizer']['seed']}-tokenizer",
                                                                       5000))).save_pretrained(tmp)
-        _publish(tmp, tokenizer)
-    todo = [name for name, f in folders.items() if not (f / "DONE").exists()]
-    jobs = sorted(({"recipe": recipes[n], "folder": tempfile.mkdtemp(dir=cache, prefix=".tmp-"), "tokenizer": str(tokenizer),
-                    "desc": f"pre-train {n} ({recipes[n]['size']}, {recipes[n]['ops']})", "name": n} for n in todo),
+        _publish(tmp, folders["tokenizer"])
+    todo = [n for n in recipes if n != "tokenizer" and not (folders[n] / "DONE").exists()]
+    jobs = sorted(({"recipe": recipes[n], "folder": tempfile.mkdtemp(dir=cache, prefix=".tmp-"), "name": n,
+                    "tokenizer": str(folders["tokenizer"]),
+                    "desc": f"pre-train {n} ({recipes[n]['size']}, {recipes[n]['ops']})"} for n in todo),
                   key=lambda j: -j["recipe"]["steps"] * j["recipe"]["batch_size"])      # the longest first
-    workers = max(1, min(workers, len(jobs)))
+    workers = max(1, min(cfg.toy_pretrain_workers, len(jobs)))
     for job in jobs:
         job["threads"] = max(1, (os.cpu_count() or 1) // workers)
     if workers == 1 and parallel.world_size() == 1:     # under torchrun a worker keeps training out of the group
@@ -402,7 +416,6 @@ def _build_cache(cache, recipes, workers):
             list(pool.map(_pretrain_base, jobs))          # re-raises a worker's error here
     for job in jobs:
         _publish(Path(job["folder"]), folders[job["name"]])
-    return tokenizer, folders
 
 
 def _publish(tmp, final):
@@ -414,29 +427,24 @@ def _publish(tmp, final):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def toy_bases(cfg, run, task):
+def toy_bases(cfg, run):
     """-> ([teacher base folders], student base folder) in the run folder (bases/NAME), copied from the cache,
     which is built first where it lacks a recipe (--toy_rebuild_bases: always)."""
-    recipes = toy_recipes(cfg)
-    cache = Path(cfg.toy_base_cache or Path(cfg.out).resolve().parent / "toy_bases")
+    folders = toy_base_folders(cfg)
     if parallel.is_main():
-        cache.mkdir(parents=True, exist_ok=True)
         if cfg.toy_rebuild_bases and not (run.out / "bases" / "student" / "DONE").exists():
-            for name, recipe in recipes.items():
-                shutil.rmtree(cache / f"{name.rstrip('0123456789')}-{recipe_hash(recipe)}", ignore_errors=True)
-        tokenizer, folders = _build_cache(cache, recipes, cfg.toy_pretrain_workers)
+            for folder in folders.values():
+                shutil.rmtree(folder, ignore_errors=True)
+        _build_cache(cfg)
     parallel.barrier()
-    tokenizer = cache / f"tokenizer-{recipe_hash(recipes['tokenizer'])}"
 
-    def copy(name, source):
+    def copy(name):
         def build(folder):
             if parallel.is_main():
-                shutil.copytree(source, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
+                shutil.copytree(folders[name], folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
         return run.stage(f"bases/{name}", build)
-    copy("tokenizer", tokenizer)
-    names = [f"teacher{k}" for k in range(cfg.K)] + ["student"]
-    bases = [copy(n, cache / f"{n.rstrip('0123456789')}-{recipe_hash(recipes[n])}") for n in names]
-    return bases[:-1], bases[-1]
+    copy("tokenizer")
+    return [copy(f"teacher{k}") for k in range(cfg.K)], copy("student")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -269,7 +269,7 @@ def test_toy_bases_are_cached_by_recipe_and_shared_across_seeds(tmp_path):
 
     def bases(name, *flags):
         cfg = macpo.parse_config(SMALL + ["--out", str(tmp_path / name), *flags])
-        teachers, student = toy_bases(cfg, Run(cfg), None)
+        teachers, student = toy_bases(cfg, Run(cfg))
         return [Path(t) for t in teachers] + [Path(student)]
     cache = tmp_path / "toy_bases"
     first = bases("a", "--toy_pretrain_workers", "2")
