@@ -10,8 +10,8 @@ Scorers turn (prompt turns, response) into one float per response:
   NAME    any AutoModelForSequenceClassification (hub name or folder): its first logit. PKU-SafeRLHF's reward
           model (higher = more helpful) and cost model (higher = less safe) are two such scorers, reported
           side by side, each under its own name.
-The paper's exact reward models, GPT-4 judge prompt and human protocol are not published (../shared/paper.md
-section 4); the mean score on the test prompts and pairwise win / tie / lose rates are the assumed metrics.
+The paper's exact reward models, GPT-4 judge prompt and human protocol are not published (README, "What the
+paper leaves open"); the mean score on the test prompts and pairwise win / tie / lose rates are the assumed metrics.
 Above generate.py, below macpo.py (which calls it for `eval` and for `table`).
 """
 import argparse
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import data
+import parallel
 from generate import length_sorted_batches
 
 
@@ -40,12 +41,10 @@ def load_reward_model(name_or_path, device="cpu", trust_remote_code=False):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    data.ensure_pad_token(tokenizer)
     if model.config.pad_token_id is None:       # the classifier pools at the last non-pad token: it needs one
         model.config.pad_token_id = tokenizer.pad_token_id
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    return model.to(device=device, dtype=parallel.dtype_for(device)).eval(), tokenizer
 
 
 def rm_inputs(prompt, response, rm_format="pair"):
@@ -235,7 +234,7 @@ def premises_markdown(by_seed, weak, ceiling, n_test):
         for sd in seeds:
             p = next((p for p in by_seed[sd] if p["premise"] == name), None)
             threshold = threshold or (p and (f"in [{p['threshold'][0]}, {p['threshold'][1]}]" if p["op"] == "in"
-                                             else f"{p['op']} {p['threshold']}"))
+                                             else "(reported)" if p["op"] == "report" else f"{p['op']} {p['threshold']}"))
             cells.append("-" if p is None else f"{p['value']:.3f}{'' if p['pass'] else ' FAIL'}")
         lines.append(f"| {name} | {threshold} | " + " | ".join(cells) + " |")
     noise = [("std of the weak supervisor over seeds", mean_std(weak)[1], 0.05),
@@ -374,7 +373,7 @@ def main(argv=None):
     parser.add_argument("--rm_format", default="pair", help="pair, or a prompt template name (see rm_inputs)")
     parser.add_argument("--baseline", default=None, help="win / tie / lose of every file against this one")
     parser.add_argument("--tie_margin", type=float, default=0.0, help="score differences up to this are ties")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=parallel.default_device())
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_length", type=int, default=1024)
     args = parser.parse_args(argv)

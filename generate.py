@@ -11,10 +11,12 @@ prompt, a chosen and a rejected response) are scored after one pass of it (pack_
 """
 import bisect
 import inspect
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
+import data
 import parallel
 from data import collate, encode, truncate_prompt
 from losses import token_logps
@@ -135,39 +137,58 @@ def packable(model):
     return model._macpo_packable
 
 
-def pack_rows(encoded, row_tokens, share_prompts=True):
-    """[(input_ids, loss_mask)] pairs -> rows; a row is a list of documents (prompt ids, [(pair index,
-    response ids, response loss mask)]) of at most row_tokens tokens in all. Pairs whose prompt tokens are
-    identical share a document (one whose responses do not fit together is split, the prompt repeated);
-    documents are placed best-fit, longest first. The prompt is what precedes the first scored token.
-    share_prompts=False gives every pair its own document (packing without sharing, for the benchmark)."""
-    row_tokens = max([row_tokens] + [len(ids) for ids, _ in encoded])
-    by_prompt = {}
-    for i, (ids, mask) in enumerate(encoded):
-        p = mask.index(1) if 1 in mask else len(ids)
-        key = tuple(ids[:p]) if share_prompts else i
-        by_prompt.setdefault(key, (ids[:p], []))[1].append((i, ids[p:], mask[p:]))
-    docs = []                                                       # [(length, prompt, responses)]
-    for prompt, responses in by_prompt.values():
-        for i, response, mask in responses:
-            if not docs or docs[-1][1] is not prompt or docs[-1][0] + len(response) > row_tokens:
-                docs.append([len(prompt), prompt, []])
-            docs[-1][0] += len(response)
-            docs[-1][2].append((i, response, mask))
-    rows, free = [], []                                             # free: sorted [(tokens left, row index)]
-    for n, prompt, responses in sorted(docs, key=lambda d: -d[0]):
-        k = bisect.bisect_left(free, (n, -1))                       # the fullest row it still fits in
-        left, r = free.pop(k) if k < len(free) else (row_tokens, len(rows))
-        if r == len(rows):
-            rows.append([])
-        rows[r].append((list(prompt), responses))
-        bisect.insort(free, (left - n, r))
-    return rows
+class Response(NamedTuple):
+    """One scored response in a packed row."""
+    pair: int           # its index in the encoded list: where its log-prob goes
+    ids: list           # its token ids
+    mask: list          # its loss mask (1 = scored)
+
+
+class Document(NamedTuple):
+    """A prompt, run once, and the responses that follow it; a packed row is a list of documents."""
+    prompt: list        # prompt token ids
+    responses: list     # [Response], each seeing the prompt and its own earlier tokens only
+
+
+def doc_length(doc):
+    return len(doc.prompt) + sum(len(r.ids) for r in doc.responses)
 
 
 def row_length(row):
     """Tokens in a packed row: each document's prompt once plus its responses."""
-    return sum(len(prompt) + sum(len(r) for _, r, _ in responses) for prompt, responses in row)
+    return sum(doc_length(doc) for doc in row)
+
+
+def pack_rows(encoded, row_tokens, share_prompts=True):
+    """[(input_ids, loss_mask)] pairs -> rows, each a list of Documents of at most row_tokens tokens in all.
+    Pairs whose prompt tokens are identical share a document (one whose responses do not fit together is split,
+    the prompt repeated); documents are placed best-fit, longest first. The prompt is what precedes the first
+    scored token. share_prompts=False gives every pair its own document (packing without sharing, for the
+    benchmark)."""
+    row_tokens = max([row_tokens] + [len(ids) for ids, _ in encoded])
+    by_prompt = {}                                                  # prompt key -> (prompt ids, [Response])
+    for i, (ids, mask) in enumerate(encoded):
+        p = mask.index(1) if 1 in mask else len(ids)
+        key = tuple(ids[:p]) if share_prompts else i
+        by_prompt.setdefault(key, (ids[:p], []))[1].append(Response(i, ids[p:], mask[p:]))
+    docs = []
+    for prompt, responses in by_prompt.values():
+        doc = None
+        for response in responses:                                  # a new document when the last one is full
+            if doc is None or doc_length(doc) + len(response.ids) > row_tokens:
+                doc = Document(list(prompt), [])
+                docs.append(doc)
+            doc.responses.append(response)
+    rows, free = [], []                                             # free: sorted [(tokens left, row index)]
+    for doc in sorted(docs, key=lambda d: -doc_length(d)):
+        n = doc_length(doc)
+        k = bisect.bisect_left(free, (n, -1))                       # the fullest row it still fits in
+        left, r = free.pop(k) if k < len(free) else (row_tokens, len(rows))
+        if r == len(rows):
+            rows.append([])
+        rows[r].append(doc)
+        bisect.insort(free, (left - n, r))
+    return rows
 
 
 def packed_batch(rows, pad_id, dtype=torch.float32, device="cpu"):
@@ -188,13 +209,16 @@ def packed_batch(rows, pad_id, dtype=torch.float32, device="cpu"):
             input_ids[b, start:end] = torch.tensor(prompt, dtype=torch.long)
             position_ids[b, start:end] = torch.arange(P)
             doc[b, start:end] = d
-            for k, (i, response, mask) in enumerate(responses, 1):
-                R = len(response)
-                input_ids[b, end:end + R] = torch.tensor(response, dtype=torch.long)
-                position_ids[b, end:end + R] = torch.arange(P, P + R)
+            for k, r in enumerate(responses, 1):
+                R = len(r.ids)
+                input_ids[b, end:end + R] = torch.tensor(r.ids, dtype=torch.long)
+                position_ids[b, end:end + R] = torch.arange(P, P + R)      # as if it followed the prompt alone
                 doc[b, end:end + R], seg[b, end:end + R] = d, k
-                scored += [(b, end + j - 1 if j else start + P - 1, response[j], i)
-                           for j in range(R) if mask[j] and (j or P)]
+                for j in range(R):
+                    if not r.mask[j] or (j == 0 and P == 0):           # unscored, or nothing to predict it from
+                        continue
+                    # token j is predicted by the column before it; the first, by the prompt's last column
+                    scored.append((b, end + j - 1 if j else start + P - 1, r.ids[j], r.pair))
                 end += R
             start = end
     doc, seg = doc.to(device), seg.to(device)
@@ -215,6 +239,20 @@ def packed_sequence_logps(scorer, rows, n_pairs, pad_id, dtype, device):
     return logps, torch.bincount(pairs, minlength=n_pairs)
 
 
+def batch_logps(scorer, rows, pad_id, pack, row_tokens, dtype, device):
+    """Summed log-probs and token counts of one batch of encoded rows [(input_ids, loss_mask)] through `scorer`
+    (a ScoredLM, maybe wrapped for several processes; gradients flow: the training loop's forward pass) -> (logps [N] float32, n_tokens [N], tokens the model ran). pack: responses to one prompt
+    (a pair's chosen and rejected) follow one pass of it (pack_rows, rows of at most row_tokens);
+    otherwise one right-padded row each."""
+    if pack:
+        packed = pack_rows(rows, row_tokens)
+        logps, n = packed_sequence_logps(scorer, packed, len(rows), pad_id, dtype, device)
+        return logps, n, sum(row_length(row) for row in packed)
+    b = collate(rows, pad_id)
+    logps, n = sequence_logps(scorer, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
+    return logps, n, int(b["attention_mask"].sum())
+
+
 @torch.inference_mode()
 def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progress=False, desc="scoring",
                  share_prompts=True):
@@ -231,7 +269,7 @@ def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progres
     for idx in tqdm(parallel.mine(length_sorted_batches(lengths, batch_size, 0.1)), desc=desc, disable=not progress, leave=False):
         batch = [rows[r] for r in idx]
         if pack:
-            ids = [i for row in batch for _, responses in row for i, _, _ in responses]
+            ids = [r.pair for row in batch for doc in row for r in doc.responses]
             logps, n = packed_sequence_logps(ScoredLM(model), batch, len(encoded), pad_id, dtype, device)
             logps, n = logps[ids], n[ids]
         else:
@@ -252,7 +290,7 @@ def perplexity(model, tokenizer, prompts, responses, batch_size=32, max_length=1
     prompt are scored against one pass of it (packed_logps)."""
     assert len(prompts) == len(responses)
     encoded = [encode(tokenizer, p, r, max_length, max_prompt_length) for p, r in zip(prompts, responses)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = data.pad_id(tokenizer)
     logps, n = packed_logps(model, encoded, pad_id, batch_size, max_length, progress, desc="perplexity")
     return torch.exp(-logps / n.clamp(min=1)).tolist()
 
@@ -287,7 +325,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top
     backbone, head = _backbone(model), model.get_output_embeddings()
     cache_kw = _cache_kwarg(backbone)
     eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    pad_id = data.pad_id(tokenizer)
     encoded = [truncate_prompt(tokenizer(p)["input_ids"], max_prompt_length, tokenizer.bos_token_id) for p in prompts]
     done = []
     batches = list(enumerate(length_sorted_batches([len(e) for e in encoded], batch_size)))

@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from data import atomic_write
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
@@ -131,13 +133,6 @@ def _lora_settings(model):
     return {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets}
 
 
-def _atomic_write(path, write):
-    """write(tmp_path), then rename over `path`: a kill leaves the old file or the new one, never half of one."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapters(model, directory, config_dict=None):
     """Adapter weights -> directory/adapter_model.safetensors (keys "<module name>.lora_A" / ".lora_B") and
     the settings -> directory/adapter_config.json. The settings are read off the model; `config_dict` adds
@@ -155,12 +150,19 @@ def save_adapters(model, directory, config_dict=None):
         tensors[f"{name}.lora_A"] = m.lora_A.detach().contiguous()
         tensors[f"{name}.lora_B"] = m.lora_B.detach().contiguous()
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
 
     def write_config(tmp):
         with open(tmp, "w") as f:
             json.dump(config, f, indent=2)
-    _atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
+    atomic_write(os.path.join(directory, CONFIG_NAME), write_config)
+
+
+def base_model_of(path):
+    """The base model an adapter checkpoint folder was trained on (its adapter_config.json), or None when
+    `path` is not an adapter checkpoint."""
+    config = os.path.join(str(path), CONFIG_NAME)
+    return json.load(open(config))["base_model"] if os.path.isfile(config) else None
 
 
 def load_adapters(model, directory):

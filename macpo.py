@@ -14,10 +14,8 @@ skips finished stages, so a killed run continues where it stopped. Algorithm 1 i
 """
 import argparse
 import dataclasses
-import math
 import os
 import random
-import re
 import statistics
 import sys
 import time
@@ -26,16 +24,15 @@ from pathlib import Path
 
 import torch
 
+import baselines
 import data
 import evaluate
 import lora
 import parallel
 import report
-from generate import generate, perplexity
-from stages import (Run, dpo_stage, evaluate_stage, generate_stage, load_agent, load_task, read_jsonl, render,
-                    scored, select_positives_stage, sft_stage, teacher_pairs_stage, toy_base_cache, toy_bases,
-                    write_json, write_jsonl, write_text)
-from train import ModelLoadError, NonFiniteError, check_model, default_device
+from stages import (Run, RunError, dataset_requests, dpo_stage, evaluate_stage, generate_stage, load_task, read_jsonl, render, samples,
+                    select_positives_stage, sft_stage, toy_base_cache, toy_bases, write_json, write_text)
+from train import ModelLoadError, NonFiniteError, check_model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -52,11 +49,13 @@ class Config:
     parallel: str = "ddp"               # under torchrun: ddp (full copies, gradients averaged) | fsdp (sharded)
     # task and data
     task: str = "toy"                   # toy | hh-helpful | hh-harmless | pku | file
-    data_dir: str = ""                  # local dataset folder (hh: {subset}/{split}.jsonl.gz; pku: {split}.jsonl)
+    data_dir: str = ""                  # local dataset folder (hh: {subset}/{split}.jsonl.gz; pku:
+                                        # data/Alpaca-7B/{split}.jsonl)
     data_file: str = ""                 # task=file: your own JSONL (prompt/chosen/rejected) or LLaMA-Factory JSON
-    cache_dir: str = str(data.DEFAULT_CACHE_DIR)   # where hh / pku files are downloaded when not in --data_dir
+    cache_dir: str = ""                 # the hub cache hh / pku files are downloaded into when not in --data_dir;
+                                        # "" = huggingface_hub's own (HF_HUB_CACHE, else HF_HOME/hub)
     train_split: str = "train"          # split the init and weak-to-strong prompts come from; "test" splits the
-                                        # test file three ways (offline runs on ../shared/data)
+                                        # test file three ways (for a --data_dir holding test files only)
     pku_order: str = "safer"            # PKU-SafeRLHF pair order: safer (default) or better (more helpful)
     n_init: int = 1500                  # weak-teacher initialisation pairs (paper: 5,000)
     n_w2s: int = 1500                   # weak-to-strong prompts Q_w2s (paper: 5,000)
@@ -141,7 +140,7 @@ class Config:
     rm_format: str = "pair"             # how a reward model reads (prompt, response): pair (OpenAssistant's
                                         # DeBERTa) or a template name (beaver-7b: vicuna); evaluate.rm_inputs
     ceiling: bool = True                # also train the strong student by SFT on ground truth (the ceiling)
-    # method: MACPO or a baseline (../shared/paper.md section 5), from the same initial agents and data
+    # method: MACPO or a baseline (baselines.py), from the same initial agents and data
     method: str = "macpo"               # macpo | sft (naive SFT on weak labels) | confident (Burns et al. 2023) |
                                         # spin (Chen et al. 2024) | self_reward (Yuan et al. 2024)
     mutual_positives: bool = True       # --no-mutual_positives: the -MP ablation (see macpo_rounds)
@@ -166,10 +165,12 @@ def parse_config(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
+        # --data_dir and --data-dir alike, as HfArgumentParser accepts
+        names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
         if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            parser.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+            parser.add_argument(*names, dest=f.name, type=type(f.default), default=f.default)
     cfg = Config(**vars(parser.parse_args(argv)))
     problems = validate(cfg)
     if problems:
@@ -227,216 +228,160 @@ def validate(cfg):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Algorithm 1 (paper section 2; ../shared/paper.md sections 2 and 9).
+# Algorithm 1 (Lyu et al. 2025, section 2). Step 1 initialises every agent; step 2 is T rounds of
+# macpo_round. README, "Algorithm 1", maps each line to the release's scripts and files.
 
 def check_models(cfg):
     """Every teacher and the student exist (config and tokenizer load) and the prompt template fits in
-    --max_prompt_length with each one's tokenizer: checked before any training, not when the stage comes."""
+    --max_prompt_length with each one's tokenizer: checked before any training, not when the stage comes.
+    Every model that cannot be found is named in one error, with the dataset files still missing."""
+    missing = []
     for name in cfg.teachers.split(",") + [cfg.student]:
-        tokenizer = check_model(name, cfg.trust_remote_code)
+        try:
+            tokenizer = check_model(name, cfg.trust_remote_code)
+        except ModelLoadError as e:
+            missing.append(str(e))
+            continue
         n = len(tokenizer(render(cfg, [{"role": "user", "content": ""}], tokenizer))["input_ids"])
         if n >= cfg.max_prompt_length:
             raise data.DataError(f"--max_prompt_length {cfg.max_prompt_length} leaves no room for a prompt: the "
                                  f"{cfg.template} template alone is {n} tokens with {name}'s tokenizer; raise "
                                  f"--max_prompt_length (and --max_length) above {n}, or pass --system ''")
+    return missing
+
+
+@dataclass
+class Setup:
+    """What Algorithm 1's step 1 leaves, and every method (MACPO, its ablations, the baselines) starts from."""
+    w2s: list           # the weak-to-strong split (data.Example; the ceiling trains on its gold responses)
+    test: list          # the test split
+    Q: list             # Q_w2s: its prompts (turn lists), in the order of every response list below
+    teachers: list      # ["teacher0", ..., "teacher{K-1}"]
+    init: dict          # agent -> checkpoint of its positive model after initialisation
+    bases: dict         # agent -> its base model
+    weak_labels: list   # the weak-label teacher's responses to Q: the naive-SFT student's data
+    negatives: dict     # agent -> its negative twin's responses to Q: the hard negatives, generated once
+    evals: dict         # agent -> eval stage of its initial model
+
+    def reference(self, mode, agent, previous):
+        """The agent's DPO reference (--reference): the model at the round's start, its initial model, or its
+        base (the release's)."""
+        return {"previous": previous, "init": self.init[agent], "base": self.bases[agent]}[mode]
 
 
 def initialise(cfg, run):
-    """Algorithm 1, step 1 (and the data): every agent initialised, the weak labels and the hard negatives.
-    -> dict with the splits, the agents' checkpoints and the init evaluations. Shared by every method: the
-    baselines start from the same weak teachers, weak labels and naive-SFT student."""
-    init, w2s, test = load_task(cfg)                           # D_init (gold pairs), Q_w2s, test prompts
-    if cfg.teachers != "toy":
-        check_models(cfg)                                      # every model, before the first one trains
+    """Algorithm 1, step 1: every agent initialised, the weak labels and the hard negatives -> Setup.
+    Shared by every method: the baselines start from the same weak teachers, weak labels and student."""
+    # every dataset file and model the run needs, before any training: the missing ones named in one error
+    missing = data.missing_dataset_files(dataset_requests(cfg), cfg.data_dir or None, cfg.cache_dir or None)
+    task = None if missing else load_task(cfg)                 # D_init (gold pairs), Q_w2s, test prompts
+    missing += check_models(cfg) if cfg.teachers != "toy" else []
+    if missing:
+        raise ModelLoadError(f"{len(missing)} of the run's files or models are missing:\n" + "\n".join(missing))
+    init, w2s, test = task
     Q = [ex.prompt for ex in w2s]
-    if cfg.task == "toy":
-        teacher_bases, student_base = toy_bases(cfg, run)
-    else:
-        teacher_bases, student_base = cfg.teachers.split(","), cfg.student
     names = [f"teacher{k}" for k in range(cfg.K)]
-    w = cfg.weak_label_teacher
+    bases = toy_bases(cfg, run) if cfg.task == "toy" else dict(zip(names + ["student"],
+                                                                    cfg.teachers.split(",") + [cfg.student]))
+    weak = names[cfg.weak_label_teacher]
+    gold_chosen, gold_rejected = [(e.prompt, e.chosen, None) for e in init], [(e.prompt, e.rejected, None) for e in init]
 
-    # Initialise the weak teachers: positive by SFT on gold chosen, negative twin by SFT on gold rejected
-    # continued from the positive teacher.
-    pos = {n: sft_stage(cfg, run, f"init/{n}", teacher_bases[k], [(e.prompt, e.chosen, None) for e in init],
-                        cfg.teacher_sft_epochs) for k, n in enumerate(names)}
-    neg = {n: sft_stage(cfg, run, f"init/{n}_neg", pos[n], [(e.prompt, e.rejected, None) for e in init],
-                        cfg.neg_sft_epochs, lr=cfg.neg_sft_lr) for n in names}
-    # Weak labels, and the strong student: SFT on them (alone, this is the "naive SFT" baseline); its negative
-    # twin: continued SFT on a weak negative twin's generations.
-    weak_labels = generate_stage(cfg, run, "init/weak_labels", pos[names[w]], Q)
-    pos["student"] = sft_stage(cfg, run, "init/student", student_base, list(zip(Q, weak_labels, [None] * len(Q))),
+    # Weak teachers: the positive model by SFT on D_init's chosen responses; its negative twin by SFT on the
+    # rejected ones, continued from the positive model (the release does so for the student's twin).
+    pos = {n: sft_stage(cfg, run, f"init/{n}", bases[n], gold_chosen, cfg.teacher_sft_epochs) for n in names}
+    neg = {n: sft_stage(cfg, run, f"init/{n}_neg", pos[n], gold_rejected, cfg.neg_sft_epochs, lr=cfg.neg_sft_lr)
+           for n in names}
+    # Weak labels: one teacher's responses to Q_w2s. The strong student: SFT on them (alone, this is the naive
+    # SFT baseline). Its negative twin: continued SFT on the weak teacher's twin's responses to Q_w2s.
+    weak_labels = generate_stage(cfg, run, "init/weak_labels", pos[weak], Q)
+    pos["student"] = sft_stage(cfg, run, "init/student", bases["student"], [(q, y, None) for q, y in zip(Q, weak_labels)],
                                cfg.student_sft_epochs)
-    weak_negatives = generate_stage(cfg, run, "init/weak_negatives", neg[names[w]], Q)
+    weak_negatives = generate_stage(cfg, run, "init/weak_negatives", neg[weak], Q)
     neg["student"] = sft_stage(cfg, run, "init/student_neg", pos["student"],
-                               list(zip(Q, weak_negatives, [None] * len(Q))), cfg.neg_sft_epochs, lr=cfg.neg_sft_lr)
-    # Hard negative behaviour: each negative twin generates once; the release reuses them every round.
+                               [(q, y, None) for q, y in zip(Q, weak_negatives)], cfg.neg_sft_epochs, lr=cfg.neg_sft_lr)
+    # Hard negative behaviour: each twin answers Q_w2s once; the release reuses these every round.
     negatives = {a: generate_stage(cfg, run, f"init/negatives_{a}", neg[a], Q) for a in ["student"] + names}
-    evals = {"init": {a: evaluate_stage(cfg, run, f"eval/init/{a}", pos[a], test) for a in names + ["student"]}}
-    return dict(w2s=w2s, test=test, Q=Q, names=names, pos=pos, teacher_bases=teacher_bases,
-                student_base=student_base, weak_labels=weak_labels, negatives=negatives, evals=evals)
+    evals = {a: evaluate_stage(cfg, run, f"eval/init/{a}", pos[a], test) for a in names + ["student"]}
+    return Setup(w2s, test, Q, names, pos, bases, weak_labels, negatives, evals)
 
 
-def _references(cfg, s, pos, initial):
-    """Each agent's DPO reference this round (--reference)."""
-    return {a: {"previous": pos[a], "init": initial[a],
-                "base": s["student_base"] if a == "student" else s["teacher_bases"][s["names"].index(a)]}[cfg.reference]
-            for a in pos}
+# The two ingredients an ablation swaps (the paper's section 6 names "-MP"; "-HN" is inferred): where each
+# agent's positive comes from, and which negative it is contrasted with. A positive source is a pair of
+# functions (the student's positive, a teacher's positive), each -> one response per prompt.
+
+def perplexity_pick(cfg, run, r, s, agents, responses, agent):
+    """(b) The student's positive: the teacher response it finds most familiar,
+    y+_i = argmin_k PPL_student(y_i^k | x_i), scored by the student at the round's start (every perplexity is
+    kept in ROUND/pairs_student)."""
+    return select_positives_stage(cfg, run, f"{r}/pairs_student", agents["student"], s.Q,
+                                  [responses[n] for n in s.teachers], s.negatives["student"], s.teachers)
+
+
+def student_response(cfg, run, r, s, agents, responses, agent):
+    """(c) A teacher's positive: the student's response, for every teacher (no filter)."""
+    return responses["student"]
+
+
+def own_response(cfg, run, r, s, agents, responses, agent):
+    """-MP (--no-mutual_positives): the agent's own response."""
+    return responses[agent]
+
+
+MUTUAL_POSITIVES = (perplexity_pick, student_response)
+OWN_POSITIVES = (own_response, own_response)
+
+
+def hard_negatives(cfg, run, s):
+    """(d) Agent a's negative for prompt i: its own negative twin's response to prompt i."""
+    return s.negatives
+
+
+def deranged_negatives(cfg, run, s):
+    """-HN (--no-hard_negatives): the twin's response to another prompt (a fixed random derangement of the
+    same negatives): the same negative behaviour, no longer a familiar near miss for this prompt."""
+    order = list(range(len(s.Q)))
+    random.Random(run.seed(f"{variant(cfg)}/derangement")).shuffle(order)
+    other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}         # never i itself (N > 1)
+    return {a: [v[other[i]] for i in range(len(s.Q))] for a, v in s.negatives.items()}
+
+
+def macpo_round(cfg, run, r, s, agents, positives, negatives):
+    """Algorithm 1, step 2, round r: every agent samples, takes its positives and is updated by DPO +
+    sft_weight x SFT on the pairs (x_i, positive, negative) (e), (f) -> {agent: checkpoint after the round}."""
+    student_positive, teacher_positive = positives
+    agents = dict(agents)
+    # (a) every agent answers each weak-to-strong prompt once: the teachers, and the student before its update
+    responses = {a: samples(cfg, run, agents[a], s.Q) for a in agents}
+    # (b) the student's positive; (f) its update, from the previous round's model
+    positive = student_positive(cfg, run, r, s, agents, responses, "student")
+    agents["student"] = dpo_stage(cfg, run, f"{r}/student", agents["student"],
+                                  s.reference(cfg.reference, "student", agents["student"]),
+                                  list(zip(s.Q, positive, negatives["student"])))
+    if cfg.student_positive_from == "after":        # the teachers learn from the updated student instead
+        responses["student"] = samples(cfg, run, agents["student"], s.Q)
+    # (c) each teacher's positive; (f) its update, against its own twin's negatives
+    for n in s.teachers:
+        positive = teacher_positive(cfg, run, r, s, agents, responses, n)
+        agents[n] = dpo_stage(cfg, run, f"{r}/{n}", agents[n], s.reference(cfg.reference, n, agents[n]),
+                              list(zip(s.Q, positive, negatives[n])))
+    return agents
 
 
 def macpo_rounds(cfg, run, s, prefix=""):
-    """Algorithm 1, step 2: T rounds of mutual positive behaviour augmentation, hard negatives and the
-    contrastive update of every agent. -> {round: {agent: eval stage}}. `prefix` names a variant's stages.
-
-    Ablations (paper section 6 names "-MP"; "-HN" inferred), each changing one ingredient:
-      --no-mutual_positives  (-MP) every agent's positive is its own response to the prompt (the student's own
-                             sample, teacher k's own sample) instead of the other side's; negatives unchanged.
-      --no-hard_negatives    (-HN) the negative for prompt i is the negative twin's response to another prompt
-                             (a fixed random derangement of the same negatives): the same negative behaviour, no
-                             longer a familiar near-miss for this prompt."""
-    Q, names, test = s["Q"], s["names"], s["test"]
-    pos, initial, negatives = dict(s["pos"]), dict(s["pos"]), s["negatives"]
-    if not cfg.hard_negatives:
-        order = list(range(len(Q)))
-        random.Random(run.seed(f"{prefix}derangement")).shuffle(order)
-        other = {order[i]: order[(i + 1) % len(order)] for i in range(len(order))}     # never i itself (N > 1)
-        negatives = {a: [v[other[i]] for i in range(len(Q))] for a, v in negatives.items()}
-    evals = {"init": s["evals"]["init"]}
+    """Algorithm 1, step 2: T rounds of macpo_round, each agent evaluated after every round ->
+    ({round: {agent: eval stage}}, {agent: final checkpoint}). `prefix` names a variant's stages."""
+    positives = MUTUAL_POSITIVES if cfg.mutual_positives else OWN_POSITIVES
+    negatives = (hard_negatives if cfg.hard_negatives else deranged_negatives)(cfg, run, s)
+    agents, evals = dict(s.init), {"init": s.evals}
     for t in range(1, cfg.T + 1):
         r = f"{prefix}round{t}"
-        # round 1's samples come from the initial agents, identical for every variant: share them
-        g = f"round{t}" if t == 1 else r
-        reference = _references(cfg, s, pos, initial)
-        # (a) each weak teacher writes one response per weak-to-strong prompt
-        teacher_responses = [generate_stage(cfg, run, f"{g}/generations_{n}", pos[n], Q) for n in names]
-        # (c) the teachers' positive: the student's response, from before (default) or after its update
-        if cfg.student_positive_from == "before" or not cfg.mutual_positives:
-            student_responses = generate_stage(cfg, run, f"{g}/generations_student", pos["student"], Q)
-        # (b) + (d) the student's positive: the teacher response it finds most familiar; its own twin's negative
-        if cfg.mutual_positives:
-            student_pairs = select_positives_stage(cfg, run, f"{r}/pairs_student", pos["student"], Q,
-                                                   teacher_responses, negatives["student"], names)
-        else:   # -MP
-            student_pairs = list(zip(Q, student_responses, negatives["student"]))
-        # (f) contrastive update of the strong student, continuing from its previous round
-        pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"], reference["student"], student_pairs)
-        if cfg.mutual_positives:
-            if cfg.student_positive_from == "after":
-                student_responses = generate_stage(cfg, run, f"{r}/generations_student", pos["student"], Q)
-            teacher_pairs = teacher_pairs_stage(run, f"{r}/pairs_teachers", Q, student_responses, negatives, names)
-        else:   # -MP
-            teacher_pairs = {n: list(zip(Q, teacher_responses[k], negatives[n])) for k, n in enumerate(names)}
-        # (f) contrastive update of every weak teacher
-        for n in names:
-            pos[n] = dpo_stage(cfg, run, f"{r}/{n}", pos[n], reference[n], teacher_pairs[n])
-        evals[r] = {a: evaluate_stage(cfg, run, f"eval/{r}/{a}", pos[a], test) for a in names + ["student"]}
-        print_signal(run, r, names + ["student"])
-    return evals, pos
+        agents = macpo_round(cfg, run, r, s, agents, positives, negatives)
+        evals[r] = {a: evaluate_stage(cfg, run, f"eval/{r}/{a}", agents[a], s.test) for a in agents}
+        report.print_round(run, r, list(agents))
+    return evals, agents
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Baselines (../shared/paper.md section 5): same data, same initial models, the same number of rounds and the
-# same update (macpo_loss: DPO + sft_weight x SFT on the chosen side) where they are iterative, so only the
-# choice of training signal differs. They train the strong student only; the weak teachers stay as initialised.
-
-def naive_sft(cfg, run, s, prefix):
-    """The strong student SFT on the weak labels: Algorithm 1's initial student, evaluated alone."""
-    return {"init": s["evals"]["init"]}, s["pos"]
-
-
-def confident(cfg, run, s, prefix):
-    """Burns et al. (2023)'s auxiliary confidence loss instead of plain SFT on the weak labels, from the same
-    strong base for the same epochs (losses.confident_loss: token-level, the hardened prediction = argmax)."""
-    student = sft_stage(cfg, run, f"{prefix}init/student", s["student_base"],
-                        list(zip(s["Q"], s["weak_labels"], [None] * len(s["Q"]))), cfg.student_sft_epochs,
-                        kind="confident")
-    evals = {"init": dict(s["evals"]["init"], student=evaluate_stage(cfg, run, f"eval/{prefix}init/student",
-                                                                     student, s["test"]))}
-    return evals, dict(s["pos"], student=student)
-
-
-def spin(cfg, run, s, prefix):
-    """SPIN (Chen et al. 2024), iterated for T rounds: chosen = the weak label, rejected = the student's own
-    sample from the previous round's model, which is also the DPO reference (--reference previous)."""
-    Q, pos, initial = s["Q"], dict(s["pos"]), s["pos"]
-    evals = {"init": s["evals"]["init"]}
-    for t in range(1, cfg.T + 1):
-        r = f"{prefix}round{t}"
-        own = generate_stage(cfg, run, f"round{t}/generations_student" if t == 1 else f"{r}/generations_student",
-                             pos["student"], Q)          # round 1: the initial student's samples, shared
-        pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"],
-                                   _references(cfg, s, pos, initial)["student"], list(zip(Q, s["weak_labels"], own)))
-        evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", pos["student"], s["test"])}
-        print_signal(run, r, ["student"])
-    return evals, pos
-
-
-# Yuan et al. (2024)'s LLM-as-a-judge prompt, shortened: an additive 5-point rubric, the score on the last line.
-JUDGE_PROMPT = ("Review the user's question and the corresponding response using the additive 5-point scoring "
-                "system: add 1 point if the response is relevant, 1 if it addresses a substantial portion of the "
-                "question, 1 if it answers the basic elements usefully, 1 if it is clearly written, direct and "
-                "helpful, and 1 if it is impeccable, expert and harmless.\n\nUser: {question}\n\n"
-                "Response: {response}\n\nAfter examining the response, conclude with the line \"Score: <points>\".")
-
-
-def self_judge_stage(cfg, run, name, student, prompts, samples):
-    """The student ranks its own samples (Yuan et al. 2024), best vs worst -> [(turns, chosen, rejected)].
-
-    --self_judge llm: the student, greedy, answers JUDGE_PROMPT for every sample; the first digit 0-5 after
-        "Score" (or anywhere) is the score, 0 when there is none (Yuan et al. average 3 sampled judgements).
-    --self_judge likelihood (the toy task, where a tiny model cannot follow a judging instruction): the
-        student's own length-normalised log-likelihood of the sample, -log PPL(y | x). A substitute, and a
-        self-reinforcing one: it prefers what the student already finds likely, not what is correct."""
-    def build(folder):
-        model, tokenizer = load_agent(cfg, student)
-        rendered = [render(cfg, turns, tokenizer) for turns in prompts]
-        scores = []
-        if cfg.self_judge == "likelihood":
-            # all samples in one call: the samples of one prompt are scored after one pass of it
-            flat = perplexity(model, tokenizer, rendered * len(samples), sum(samples, []),
-                              batch_size=cfg.score_batch_size, max_length=cfg.max_length,
-                              max_prompt_length=cfg.max_prompt_length)
-            scores = [[-math.log(p) for p in flat[j * len(prompts):(j + 1) * len(prompts)]] for j in range(len(samples))]
-        for j, responses in enumerate(samples if cfg.self_judge == "llm" else []):
-            judge = [render(cfg, [{"role": "user", "content": JUDGE_PROMPT.format(
-                question=turns[-1]["content"], response=y)}], tokenizer) for turns, y in zip(prompts, responses)]
-            verdicts = generate(model, tokenizer, judge, max_new_tokens=16, temperature=0.0,
-                                batch_size=cfg.gen_batch_size, seed=run.seed(f"{name}/{j}"),
-                                max_prompt_length=cfg.max_length - 16, desc=f"{name} judge {j}")
-            scores.append([float(m.group(1)) if (m := re.search(r"Score\D{0,3}([0-5])", v) or
-                                                 re.search(r"([0-5])", v)) else 0.0 for v in verdicts])
-        candidate = [scored(run, prompts, responses) for responses in samples]       # [n_samples][N] (report.py)
-        rows = []
-        for i, turns in enumerate(prompts):
-            ranked = sorted(range(len(samples)), key=lambda j: scores[j][i])        # worst ... best (stable)
-            rows.append({"i": i, "prompt": turns, "chosen": samples[ranked[-1]][i], "rejected": samples[ranked[0]][i],
-                         "scores": [scores[j][i] for j in range(len(samples))], "judge": cfg.self_judge,
-                         "chosen_by": f"sample{ranked[-1]}", "chosen_score": candidate[ranked[-1]][i],
-                         "rejected_score": candidate[ranked[0]][i],
-                         "candidate_scores": {n: {f"sample{j}": candidate[j][i][n] for j in range(len(samples))}
-                                              for n in candidate[0][i]}})
-        write_jsonl(folder / "pairs.jsonl", rows)
-    return [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
-
-
-def self_rewarding(cfg, run, s, prefix):
-    """Self-Rewarding (Yuan et al. 2024), iterated for T rounds: --n_samples samples per prompt from the
-    student, ranked by the student itself (self_judge_stage), best vs worst as a DPO pair."""
-    Q, pos, initial = s["Q"], dict(s["pos"]), s["pos"]
-    evals = {"init": s["evals"]["init"]}
-    for t in range(1, cfg.T + 1):
-        r = f"{prefix}round{t}"
-        samples = [generate_stage(cfg, run, f"{r}/samples{j}", pos["student"], Q) for j in range(cfg.n_samples)]
-        pairs = self_judge_stage(cfg, run, f"{r}/pairs_student", pos["student"], Q, samples)
-        pos["student"] = dpo_stage(cfg, run, f"{r}/student", pos["student"],
-                                   _references(cfg, s, pos, initial)["student"], pairs)
-        evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", pos["student"], s["test"])}
-        print_signal(run, r, ["student"])
-    return evals, pos
-
-
-METHODS = {"macpo": macpo_rounds, "sft": naive_sft, "confident": confident, "spin": spin,
-           "self_reward": self_rewarding}
+METHODS = {"macpo": macpo_rounds, **baselines.METHODS}
 
 
 def variant(cfg):
@@ -446,9 +391,9 @@ def variant(cfg):
 
 def ceiling_stage(cfg, run, s):
     """The ceiling: the same strong base trained by SFT on the ground-truth responses of Q_w2s -> eval stage."""
-    ceiling = sft_stage(cfg, run, "ceiling/student", s["student_base"], [(e.prompt, e.chosen, None) for e in s["w2s"]],
+    ceiling = sft_stage(cfg, run, "ceiling/student", s.bases["student"], [(e.prompt, e.chosen, None) for e in s.w2s],
                         cfg.student_sft_epochs)
-    return evaluate_stage(cfg, run, "eval/ceiling/student", ceiling, s["test"])
+    return evaluate_stage(cfg, run, "eval/ceiling/student", ceiling, s.test)
 
 
 def scores(run, stage, scorer):
@@ -486,20 +431,12 @@ def kind_means(values, prompts, kind):
 # ---------------------------------------------------------------------------------------------------------
 # The training-signal report (report.py): what each agent was trained on, judged by the run's scorers.
 
-def print_signal(run, r, agents):
-    """After round r: one line per agent and scorer (chosen better than rejected, the student's pick)."""
-    for scorer in run.score.scorers:
-        row = report.run_signal(run.out, {r: agents}, scorer).get(r)
-        if row and parallel.is_main():
-            print("\n".join(report.format_lines(r, row, scorer)), flush=True)
-
-
 def signal_blocks(cfg, run, s, evals):
     """{scorer: {"signal": {round: {agent: ...}}, "negatives": {agent: mean score of its negative twin's
     outputs}, "weak_labels": mean score}} for every scorer of the run ({} without one)."""
     rounds = {r: list(row) for r, row in evals.items() if r not in ("init", "ceiling")}
-    negatives = {a: run.score(s["Q"], v) for a, v in s["negatives"].items()}
-    weak = run.score(s["Q"], s["weak_labels"])
+    negatives = {a: run.score(s.Q, v) for a, v in s.negatives.items()}
+    weak = run.score(s.Q, s.weak_labels)
     return {scorer: {"signal": report.run_signal(run.out, rounds, scorer, kind_of(cfg)),
                      "negatives": {a: statistics.fmean(v[scorer]) for a, v in negatives.items()},
                      "weak_labels": statistics.fmean(weak[scorer])} for scorer in run.score.scorers}
@@ -509,20 +446,24 @@ def check_premises(cfg, run, s):
     """The toy test bed's premises (toy.premises: partial, complementary teachers, a strong student, a reachable
     ceiling, real hard negatives), measured on this seed's agents after initialisation and printed before
     round 1 -> toy.premises' list, or None off the toy task or without evaluation. Runs the ceiling's stages."""
-    if cfg.task != "toy" or not cfg.evaluate or not s["test"]:
+    if cfg.task != "toy" or not cfg.evaluate or not s.test:
         return None
     import toy
-    measured = {a: scores(run, stage, evaluate.gold_scores) for a, stage in s["evals"]["init"].items()}
+    measured = {a: scores(run, stage, evaluate.gold_scores) for a, stage in s.evals.items()}
     if cfg.ceiling:
         measured["ceiling"] = scores(run, ceiling_stage(cfg, run, s), evaluate.gold_scores)
-    premises = toy.premises([ex.prompt for ex in s["test"]], measured,
-                            {a: (s["Q"], v) for a, v in s["negatives"].items()}, cfg.weak_label_teacher)
+    # each agent's own sampled responses to Q_w2s, against which its twin's are near misses: the stages round 1
+    # samples anyway (same names, so computed once)
+    own = {a: samples(cfg, run, s.init[a], s.Q) for a in s.negatives}
+    premises = toy.premises([ex.prompt for ex in s.test], measured,
+                            {a: (s.Q, v, own[a]) for a, v in s.negatives.items()}, cfg.weak_label_teacher)
     if parallel.is_main():
         failed = [p["premise"] for p in premises if not p["pass"]]
-        print(f"test-bed premises (toy.premises, {len(s['test'])} test prompts): "
+        print(f"test-bed premises (toy.premises, {len(s.test)} test prompts): "
               + ("all hold" if not failed else f"{len(failed)} of {len(premises)} fail: {', '.join(failed)}"))
         for p in premises:
-            print(f"  {'ok  ' if p['pass'] else 'FAIL'} {p['premise']:<24} {p['value']:.3f}  ({p['op']} {p['threshold']})")
+            print(f"  {'ok  ' if p['pass'] else 'FAIL'} {p['premise']:<24} {p['value']:.3f}  "
+                  f"({'reported' if p['op'] == 'report' else p['op'] + ' ' + str(p['threshold'])})")
     return premises
 
 
@@ -540,7 +481,7 @@ def macpo(cfg):
     per_prompt = {r: {a: scores(run, stage, gold) for a, stage in row.items()} for r, row in evals.items()}
     results = {r: {a: None if v is None else statistics.fmean(v) for a, v in row.items()}
                for r, row in per_prompt.items()}
-    test_prompts = [ex.prompt for ex in s["test"]]             # the order of every eval stage's generations
+    test_prompts = [ex.prompt for ex in s.test]             # the order of every eval stage's generations
     by_kind = {r: {a: kind_means(v, test_prompts, kind_of(cfg)) for a, v in row.items()}
                for r, row in per_prompt.items()}
     blocks = signal_blocks(cfg, run, s, evals)
@@ -581,9 +522,9 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
         # the seed's shared agents first: the weak supervisor, the ceiling, the bed's premises (printed)
         s = initialise(scfg, run)
         premises = check_premises(scfg, run, s)
-        test_prompts = [ex.prompt for ex in s["test"]]
+        test_prompts = [ex.prompt for ex in s.test]
         blocks = signal_blocks(scfg, run, s, {})
-        weak = scores(run, s["evals"]["init"][s["names"][cfg.weak_label_teacher]], scorer)
+        weak = scores(run, s.evals[s.teachers[cfg.weak_label_teacher]], scorer)
         ceiling = scores(run, ceiling_stage(scfg, run, s), scorer)
         reference[seed] = {"weak": statistics.fmean(weak), "ceiling": statistics.fmean(ceiling),
                            "weak_kinds": kind_means(weak, test_prompts, kind_of(cfg)),
@@ -599,7 +540,7 @@ def table(cfg, seeds, methods, scorer_name="gold", tie_margin=0.0):
             blocks = signal_blocks(mcfg, run, s, evals)
             per_seed[m][seed] = {
                 "rounds": [{"student": row["student"], "teachers": statistics.fmean(
-                    row.get(n, means["init"][n]) for n in s["names"])} for row in means.values()],
+                    row.get(n, means["init"][n]) for n in s.teachers)} for row in means.values()],
                 "scores": (final := scores(run, evals[list(evals)[-1]]["student"], scorer)),
                 "kinds": kind_means(final, test_prompts, kind_of(mcfg)),
                 "signal": {name: b["signal"] for name, b in blocks.items()}}
@@ -684,7 +625,7 @@ def main(argv=None):
             sys.exit(f"error: unknown --methods {', '.join(unknown)}; choose from {', '.join(TABLE_METHODS)}")
     cfg = parse_config(argv)
     if cfg.device == "auto":
-        cfg.device = default_device()
+        cfg.device = parallel.default_device()
     cfg.device = parallel.setup(cfg.device)          # torchrun: join the process group, one GPU per rank
     if cfg.device == "cpu" and parallel.world_size() == 1:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -696,7 +637,7 @@ def main(argv=None):
             print(f"{cfg.out}: results.md, rounds.png, table.json ({time.time() - t0:.0f} s)")
             return
         results, by_kind = macpo(cfg)
-    except (data.DataError, ModelLoadError, NonFiniteError) as e:
+    except (data.DataError, ModelLoadError, NonFiniteError, RunError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:       # a full disk or a lost mount: the stage being written stays *.partial, never DONE
         sys.exit(f"error: {e} (while writing under {cfg.out}). Every finished stage is intact; fix the cause "

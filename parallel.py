@@ -4,12 +4,22 @@
     torchrun --nproc_per_node 8 macpo.py --parallel fsdp ...   # training state sharded across ranks (FSDP2)
 
 With one process (plain `python macpo.py`) every function here is a no-op, so the rest of the code reads as
-single-process code. Imports torch only.
+single-process code; the device and its dtype are chosen here too. Imports torch only.
 """
 import os
 
 import torch
 import torch.distributed as dist
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dtype_for(device):
+    """The weights' dtype on `device`: bf16 on CUDA, float32 on CPU (a CPU runs bf16 matrix products 10-100x
+    slower than fp32)."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
 def setup(device):

@@ -215,3 +215,13 @@ def plot_signal(signal, path, scorer, title=""):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def print_round(run, r, agents):
+    """After round r of a run (stages.Run): one line per agent and scorer (chosen better than rejected, the
+    student's pick), printed by rank 0."""
+    import parallel
+    for scorer in run.score.scorers:
+        row = run_signal(run.out, {r: agents}, scorer).get(r)
+        if row and parallel.is_main():
+            print("\n".join(format_lines(r, row, scorer)), flush=True)

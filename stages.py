@@ -1,8 +1,8 @@
 """The run folder and the stages MACPO and its baselines are built from.
 
 A stage is one unit of work whose outputs land in its own folder under --out: a checkpoint (sft_stage,
-dpo_stage), generations (generate_stage, evaluate_stage) or preference pairs (select_positives_stage,
-teacher_pairs_stage). Run.stage writes the folder under a temporary name, marks it DONE last and renames it,
+dpo_stage), generations (generate_stage, samples, evaluate_stage) or the student's positives
+(select_positives_stage). Run.stage writes the folder under a temporary name, marks it DONE last and renames it,
 so a killed run resumes from the last finished stage. `cfg` is macpo.Config (this module does not import
 macpo.py; the algorithm lives there).
 """
@@ -26,7 +26,7 @@ import evaluate
 import lora
 import parallel
 from generate import generate, perplexity
-from train import load_model, reference_logps, save_model, train
+from train import TrainSettings, load_model, reference_logps, save_model, train
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -37,6 +37,10 @@ from train import load_model, reference_logps, save_model, train
 REPORT_ONLY = ("out", "signal", "reward_models", "rm_format", "toy_base_cache", "toy_rebuild_bases",
                "toy_pretrain_workers")
 LEGACY = {"identical_pairs": "keep"}        # runs written before the flag trained on identical pairs
+
+
+class RunError(RuntimeError):
+    """The run folder cannot be used as asked (another process holds it, or it holds another configuration)."""
 
 
 class Run:
@@ -53,8 +57,8 @@ class Run:
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            sys.exit(f"error: another macpo process is running in {self.out} (it holds {self.out}/.lock); "
-                     f"wait for it to finish or pass a different --out")
+            raise RunError(f"another macpo process is running in {self.out} (it holds {self.out}/.lock); "
+                           f"wait for it to finish or pass a different --out") from None
         config = dataclasses.asdict(cfg)
         saved = self.out / "config.json"
         if saved.exists():
@@ -65,8 +69,8 @@ class Run:
                              and old.get(k, LEGACY.get(k, config[k])) != config[k])
             # a folder with no finished stage has nothing to protect: a refused run can be rerun with fixed flags
             if changed and any(self.out.rglob("DONE")):
-                sys.exit(f"error: {self.out} holds a run with a different configuration ({', '.join(changed)}); "
-                         f"resume with the same flags, or pass a different --out")
+                raise RunError(f"{self.out} holds a run with a different configuration ({', '.join(changed)}); "
+                               f"resume with the same flags, or pass a different --out")
         write_json(saved, config)
 
     def stage(self, name, build):
@@ -133,9 +137,7 @@ def scored(run, prompts, responses):
 def write_text(path, text):
     if not parallel.is_main():
         return
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    data.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_json(path, obj):
@@ -168,10 +170,15 @@ def load_agent(cfg, path):
     return load_model(str(path), cfg.device, cfg.trust_remote_code)
 
 
-def _train_kwargs(cfg):
-    return dict(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_length=cfg.max_length,
-                max_prompt_length=cfg.max_prompt_length, warmup_ratio=cfg.warmup_ratio, grad_clip=cfg.grad_clip,
-                log_every=cfg.log_every, parallel_mode=cfg.parallel, length_window=cfg.length_window)
+def _settings(cfg, name, **stage):
+    """The TrainSettings of stage `name`: the run's shared flags plus the stage's own (kind, epochs, lr)."""
+    return TrainSettings(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_length=cfg.max_length,
+                         max_prompt_length=cfg.max_prompt_length, warmup_ratio=cfg.warmup_ratio,
+                         grad_clip=cfg.grad_clip, log_every=cfg.log_every, parallel_mode=cfg.parallel,
+                         length_window=cfg.length_window, beta=cfg.beta, sft_weight=cfg.sft_weight,
+                         loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                         confident_weight=cfg.confident_weight, confident_warmup=cfg.confident_warmup,
+                         desc=name, **stage)
 
 
 def _uses_lora(cfg, name):
@@ -203,9 +210,8 @@ def sft_stage(cfg, run, name, start, rows, epochs, kind="sft", lr=None):
         model, tokenizer = _load_trainable(cfg, name, start)
         rendered = [(render(cfg, turns, tokenizer), chosen, None) for turns, chosen, _ in rows]
         with _log_file(folder) as log:
-            train(model, tokenizer, rendered, kind=kind, epochs=epochs, lr=lr or cfg.sft_lr, seed=run.seed(name),
-                  log_file=log, desc=name, confident_weight=cfg.confident_weight,
-                  confident_warmup=cfg.confident_warmup, **_train_kwargs(cfg))
+            train(model, tokenizer, rendered, _settings(cfg, name, kind=kind, epochs=epochs, lr=lr or cfg.sft_lr,
+                                                        seed=run.seed(name)), log_file=log)
         _save(cfg, model, tokenizer, folder)
     return run.stage(name, build)
 
@@ -243,10 +249,8 @@ def dpo_stage(cfg, run, name, start, reference, rows):
             ref = reference_logps(reference_model, reference_tokenizer, rendered, **kw)
             del reference_model
         with _log_file(folder) as log:
-            train(model, tokenizer, rendered, kind="dpo", reference=ref, epochs=cfg.dpo_epochs, lr=cfg.dpo_lr,
-                  beta=cfg.beta, sft_weight=cfg.sft_weight, loss_type=cfg.loss_type,
-                  label_smoothing=cfg.label_smoothing, seed=run.seed(name), log_file=log, desc=name,
-                  **_train_kwargs(cfg))
+            train(model, tokenizer, rendered, _settings(cfg, name, kind="dpo", epochs=cfg.dpo_epochs, lr=cfg.dpo_lr,
+                                                        seed=run.seed(name)), reference=ref, log_file=log)
         _save(cfg, model, tokenizer, folder)
     return run.stage(name, build)
 
@@ -264,12 +268,18 @@ def generate_stage(cfg, run, name, agent, prompts, greedy=False):
     return [r["response"] for r in read_jsonl(run.stage(name, build) / "generations.jsonl")]
 
 
+def samples(cfg, run, agent, prompts, j=0):
+    """The checkpoint's j-th sampled response to each prompt, kept beside it (AGENT/samples, AGENT/samples1,
+    ...): every method that samples the same checkpoint, such as round 1's initial agents, shares them."""
+    return generate_stage(cfg, run, f"{run.name(agent)}/samples{j or ''}", agent, prompts)
+
+
 def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, negatives, teacher_names):
     """Mutual positive behaviour augmentation, student side, and its hard negatives (section 2.1(b), (d)):
 
         y+_i = argmin_k PPL_student(y_i^k | x_i)   over the K teachers' responses to prompt x_i
         y-_i = the student's negative twin's response
-    -> [(turns, positive, negative)], saved with every perplexity, who wrote each side and, with a scorer, the
+    -> the positive response per prompt, saved with every perplexity, who wrote each side and, with a scorer, the
     scores of every candidate and of both sides (report.py: the pick against the best and a random one)."""
     def build(folder):
         model, tokenizer = load_agent(cfg, student)
@@ -292,24 +302,7 @@ def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, 
                          "candidate_scores": {s: {n: candidate[k][i][s] for k, n in enumerate(teacher_names)}
                                               for s in negative[i]}})
         write_jsonl(folder / "pairs.jsonl", rows)
-    return [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
-
-
-def teacher_pairs_stage(run, name, prompts, student_responses, negatives, teacher_names):
-    """Mutual positive behaviour augmentation, teacher side (2.1(c)): the student's response is the positive
-    for every teacher (no filter); teacher k's negative is its own negative twin's -> {teacher: rows}, saved
-    with both sides' scores when the run has a scorer."""
-    def build(folder):
-        chosen = scored(run, prompts, student_responses)
-        for n in teacher_names:
-            rejected = scored(run, prompts, negatives[n])
-            write_jsonl(folder / f"{n}.jsonl", [{"i": i, "prompt": turns, "chosen": student_responses[i],
-                                                 "chosen_by": "student", "rejected": negatives[n][i],
-                                                 "rejected_by": f"{n}_neg", "chosen_score": chosen[i],
-                                                 "rejected_score": rejected[i]} for i, turns in enumerate(prompts)])
-    folder = run.stage(name, build)
-    return {n: [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(folder / f"{n}.jsonl")]
-            for n in teacher_names}
+    return [r["chosen"] for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
 
 
 def evaluate_stage(cfg, run, name, agent, test):
@@ -379,9 +372,10 @@ def _pretrain_base(job):
     corpus = toy.pretraining_corpus(f"{recipe['seed']}-{recipe['ops']}", recipe["steps"] * recipe["batch_size"],
                                     tuple(recipe["ops"]))
     with open(folder / "metrics.jsonl", "w") as log:
-        train(model, tokenizer, [(c, y, None) for c, y in corpus], kind="sft", epochs=1, lr=recipe["lr"],
-              batch_size=recipe["batch_size"], max_length=recipe["max_length"], warmup_ratio=0.05, seed=seed,
-              log_every=50, log_file=log, desc=job["desc"], parallel_mode="none", length_window=1)
+        train(model, tokenizer, [(c, y, None) for c, y in corpus],
+              TrainSettings(kind="sft", epochs=1, lr=recipe["lr"], batch_size=recipe["batch_size"],
+                            max_length=recipe["max_length"], warmup_ratio=0.05, seed=seed, log_every=50,
+                            desc=job["desc"], parallel_mode="none", length_window=1), log_file=log)
     save_model(model, tokenizer, folder)
     write_json(folder / "recipe.json", recipe)
 
@@ -428,7 +422,7 @@ def _publish(tmp, final):
 
 
 def toy_bases(cfg, run):
-    """-> ([teacher base folders], student base folder) in the run folder (bases/NAME), copied from the cache,
+    """-> {agent: its base folder} in the run folder (bases/NAME), copied from the cache,
     which is built first where it lacks a recipe (--toy_rebuild_bases: always)."""
     folders = toy_base_folders(cfg)
     if parallel.is_main():
@@ -444,11 +438,19 @@ def toy_bases(cfg, run):
                 shutil.copytree(folders[name], folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
         return run.stage(f"bases/{name}", build)
     copy("tokenizer")
-    return [copy(f"teacher{k}") for k in range(cfg.K)], copy("student")
+    return {a: copy(a) for a in [f"teacher{k}" for k in range(cfg.K)] + ["student"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Data: (init, w2s, test) lists of data.Example.
+
+def dataset_requests(cfg):
+    """The hub dataset files the task reads: [(name, subset, split)] ([] for the toy task and --data_file)."""
+    if cfg.task in ("toy", "file"):
+        return []
+    name, subset = ("pku", "Alpaca-7B") if cfg.task == "pku" else ("hh", cfg.task.replace("hh-", "") + "-base")
+    return [(name, subset, split) for split in dict.fromkeys([cfg.train_split, "test"])]
+
 
 def load_task(cfg):
     if cfg.task == "toy":
@@ -460,16 +462,15 @@ def load_task(cfg):
     if cfg.task == "file":
         return data.paper_splits(data.read_any(cfg.data_file, order=cfg.pku_order), cfg.n_init, cfg.n_w2s,
                                  cfg.n_test, cfg.seed)
-    name, subset = ("pku", "Alpaca-7B") if cfg.task == "pku" else ("hh", cfg.task.replace("hh-", "") + "-base")
     files, missing = {}, []
-    for split in dict.fromkeys([cfg.train_split, "test"]):        # every file the run needs, named at once
+    for name, subset, split in dataset_requests(cfg):                # every file the run needs, named at once
         try:
-            files[split] = data.dataset_file(name, subset, split, cfg.data_dir or None, cfg.cache_dir)
+            files[split] = data.dataset_file(name, subset, split, cfg.data_dir or None, cfg.cache_dir or None)
         except data.DataError as e:
             missing.append(str(e))
     if missing:
         raise data.DataError("\n".join(missing))
-    read = (lambda f: data.read_pku(f, cfg.pku_order)) if name == "pku" else data.read_hh
+    read = (lambda f: data.read_pku(f, cfg.pku_order)) if cfg.task == "pku" else data.read_hh
     if cfg.train_split == "test":
         return data.paper_splits(read(files["test"]), cfg.n_init, cfg.n_w2s, cfg.n_test, cfg.seed)
     return data.splits_with_test_file(read(files[cfg.train_split]), read(files["test"]), cfg.n_init, cfg.n_w2s,

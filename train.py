@@ -7,17 +7,18 @@ twins, toy pre-training) and the contrastive update (DPO + SFT on the positive).
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+import data
 import lora
 import parallel
 
-from data import collate, collate_pairs, encode
-from generate import (ScoredLM, pack_rows, packable, packed_logps, packed_sequence_logps, row_length, scored_logits,
-                      sequence_logps)
+from data import collate, encode
+from generate import ScoredLM, batch_logps, packable, packed_logps, scored_logits
 from losses import confident_loss, macpo_loss, sft_loss
 
 
@@ -29,19 +30,15 @@ class NonFiniteError(RuntimeError):
     """A NaN or infinite loss or gradient norm: the stage stops, its checkpoint is not written."""
 
 
-def default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model(name_or_path, device="cpu", trust_remote_code=False):
     """Any causal LM through the Auto classes, from a local folder or the hub. bf16 on CUDA, float32 on CPU
     (this CPU runs bf16 matrix products 10-100x slower than fp32). Only safetensors / weights-only loading:
     transformers refuses pickled weights unless asked, and trust_remote_code stays off unless the user says so."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    adapter_config = Path(name_or_path) / lora.CONFIG_NAME
-    if adapter_config.is_file():
+    base = lora.base_model_of(name_or_path)
+    if base is not None:
         # a LoRA checkpoint: its base model, then the adapters on top (a few MB instead of a whole model)
-        model, tokenizer = load_model(json.loads(adapter_config.read_text())["base_model"], device, trust_remote_code)
+        model, tokenizer = load_model(base, device, trust_remote_code)
         lora.load_adapters(model, name_or_path)
         return model, tokenizer
     # a local folder with safetensors weights is read only through them, never through a pickle beside them
@@ -52,10 +49,8 @@ def load_model(name_or_path, device="cpu", trust_remote_code=False):
                                                      **({"use_safetensors": True} if safetensors else {}))
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, e) from None
-    if tokenizer.pad_token_id is None:          # Llama-style tokenizers have none; padding is masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return model.to(device=device, dtype=dtype), tokenizer
+    data.ensure_pad_token(tokenizer)
+    return model.to(device=device, dtype=parallel.dtype_for(device)), tokenizer
 
 
 def _load_error(name_or_path, e):
@@ -70,9 +65,8 @@ def check_model(name_or_path, trust_remote_code=False):
     """The model's config and tokenizer, without its weights: every model a run names is checked this way before
     any training, so a typo in the third teacher does not surface hours in -> the tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
-    if (Path(name_or_path) / lora.CONFIG_NAME).is_file():
-        return check_model(json.loads((Path(name_or_path) / lora.CONFIG_NAME).read_text())["base_model"],
-                           trust_remote_code)
+    if lora.base_model_of(name_or_path) is not None:
+        return check_model(lora.base_model_of(name_or_path), trust_remote_code)
     try:
         AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -137,17 +131,13 @@ def _encode_rows(tokenizer, rows, max_length, max_prompt_length):
     return chosen, rejected
 
 
-def _pad_id(tokenizer):
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 @torch.inference_mode()
 def reference_logps(model, tokenizer, rows, batch_size=32, max_length=1024, max_prompt_length=None):
     """Summed log-probs of every chosen and rejected response under the reference model: two [N] float32
     tensors on the CPU. Computed once before the update, so the reference model need not stay in memory.
     A chosen and a rejected response to one prompt are scored against one pass of it (packed_logps)."""
     chosen, rejected = _encode_rows(tokenizer, rows, max_length, max_prompt_length)
-    logps, _ = packed_logps(model, chosen + rejected, _pad_id(tokenizer), batch_size, max_length)
+    logps, _ = packed_logps(model, chosen + rejected, data.pad_id(tokenizer), batch_size, max_length)
     return logps[:len(chosen)], logps[len(chosen):]
 
 
@@ -162,52 +152,102 @@ def _bucketed_batches(lengths, batch_size, generator, window=16):
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
-def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, grad_accum=1, max_length=1024,
-          max_prompt_length=None, reference=None, beta=0.1, sft_weight=0.2, loss_type="sigmoid",
-          label_smoothing=0.0, warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0, seed=0, log_every=10,
-          log_file=None, desc="train", progress=True, confident_weight=0.75, confident_warmup=0.2,
-          parallel_mode="ddp", share_prompts=True, length_window=16):
-    """Train `model` in place on rows [(prompt_text, chosen, rejected)] and return the list of logged stats.
+@dataclass
+class TrainSettings:
+    """How one stage trains; train() reads nothing else. The stages fill it from macpo.Config."""
+    kind: str = "sft"               # "sft": sft_loss on the chosen side; "dpo": macpo_loss (DPO + sft_weight x
+                                    # SFT on chosen); "confident": Burns et al.'s confidence loss on the chosen side
+    epochs: int = 1
+    lr: float = 1e-5                # AdamW; linear warm-up, then cosine decay to 0 (the release: cosine, no warm-up)
+    batch_size: int = 16            # rows per forward pass (all ranks together)
+    grad_accum: int = 1             # forward passes per optimizer step
+    max_length: int = 1024          # tokens per (prompt, response), prompt cut first (data.encode)
+    max_prompt_length: int = None   # None = max_length // 2
+    beta: float = 0.1               # DPO's beta
+    sft_weight: float = 0.2         # the SFT term's weight in macpo_loss (the release's dpo_ftx)
+    loss_type: str = "sigmoid"      # losses.dpo_loss's variants
+    label_smoothing: float = 0.0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0          # 0 = no clipping (the norm is still logged)
+    seed: int = 0                   # the data order
+    log_every: int = 10             # optimizer steps between logged (and synchronised) statistics
+    desc: str = "train"             # the stage's name in the progress bar, the log and error messages
+    progress: bool = True
+    confident_weight: float = 0.75  # kind="confident": alpha_max, warmed up linearly over the first
+    confident_warmup: float = 0.2   # confident_warmup share of the steps (Burns et al. 2023: 0.75, 20%)
+    parallel_mode: str = "ddp"      # several processes: "ddp" or "fsdp" (wrap)
+    share_prompts: bool = True      # dpo: a pair's chosen and rejected follow one pass of their prompt
+                                    # (generate.pack_rows); False = the [2B, T] padded batch (kept to compare)
+    length_window: int = 16         # batches are cut from windows of this many batches sorted by length (less
+                                    # padding); 1 keeps every batch a uniform sample, which pre-training on
+                                    # mixed kinds of rows needs (when length tells kinds apart, sorted batches
+                                    # each hold mostly one kind)
 
-    kind="sft": minimise sft_loss on `chosen` (rejected unused), the mean over the batch's examples.
-    kind="dpo": minimise macpo_loss (DPO + sft_weight x SFT on chosen); `reference` is the pair of [N] tensors
-        from reference_logps, aligned with rows.
-    kind="confident": minimise losses.confident_loss on `chosen` (the weak labels), its mixing weight alpha
-        warmed up linearly from 0 to confident_weight over the first confident_warmup share of the steps
-        (Burns et al. 2023: alpha_max 0.75, warm-up over the first 20% of training).
-    share_prompts: in the preference update, a pair's chosen and rejected responses follow one pass of their
-        prompt (generate.pack_rows) instead of two padded rows; False is the [2B, T] batch (kept to compare).
-    length_window: batches are cut from windows of this many batches sorted by length (less padding); 1 keeps
-        every batch a uniform sample, which pre-training on mixed kinds of rows needs (toy bases: when length
-        tells the kinds apart, sorted batches each hold mostly one kind).
-    AdamW, linear warm-up then cosine decay to 0 (the release: cosine, no warm-up), gradient clipping on.
-    Statistics stay on the device and are read (.item(), a sync) only every `log_every` optimizer steps.
+
+class _FiniteWatch:
+    """Finds the first optimizer step whose loss or gradient norm was NaN or infinite, without a device sync
+    per step: each step's flag stays on the device until the logged statistics show a non-finite value."""
+
+    def __init__(self, desc, total_steps):
+        self.desc, self.total_steps, self.steps = desc, total_steps, []
+
+    def add(self, step, batch, rows, loss_sum, grad_norm):
+        # the running loss sum stays non-finite once a NaN/inf enters it, so the first False names the step
+        self.steps.append((step, batch, rows, torch.isfinite(grad_norm) & torch.isfinite(loss_sum)))
+
+    def check(self, row):
+        """Raise NonFiniteError naming the step when the logged row is not finite; forget the steps logged."""
+        if not all(math.isfinite(v) for v in row.values()):
+            ok = torch.stack([c[-1] for c in self.steps]).tolist()
+            step, batch, rows, _ = self.steps[ok.index(False) if False in ok else -1]
+            raise NonFiniteError(f"{self.desc}: non-finite loss or gradient at optimizer step {step} of "
+                                 f"{self.total_steps} (batch {batch}, rows {rows[:8]}): {row}. The stage is "
+                                 f"stopped and not saved; the previous stage's checkpoint is intact. Try a lower "
+                                 f"--lr.")
+        self.steps = []
+
+    def check_weights(self, params):
+        # The last update can overflow the weights even when its loss and gradient were finite: a model with a
+        # non-finite weight is never returned, so never saved.
+        if not bool(torch.stack([torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in params]).all()):
+            raise NonFiniteError(f"{self.desc}: non-finite weights after the last optimizer step ({self.total_steps}). "
+                                 f"The stage is stopped and not saved; the previous stage's checkpoint is intact. "
+                                 f"Try a lower --lr.")
+
+
+def train(model, tokenizer, rows, settings, reference=None, log_file=None):
+    """Train `model` in place on rows [(prompt_text, chosen, rejected)] as `settings` (TrainSettings) say and
+    return the list of logged stats. kind="dpo" needs `reference`: the pair of [N] tensors from reference_logps,
+    aligned with rows. Each example's loss is averaged over the batch (sft: sft_loss, the mean token NLL).
+    Statistics stay on the device and are read (.item(), a sync) only every log_every optimizer steps.
     Under torchrun every rank builds the same global batches and takes its share of each (parallel_mode ddp
     or fsdp decides how gradients and state are shared); the update equals one process's on the whole batch.
     """
-    assert kind in ("sft", "dpo", "confident")
+    s = settings
+    assert s.kind in ("sft", "dpo", "confident")
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    pad_id = _pad_id(tokenizer)
-    pack = share_prompts and packable(model)
-    chosen, rejected = _encode_rows(tokenizer, rows, max_length, max_prompt_length)
-    if kind == "dpo":
+    pad_id = data.pad_id(tokenizer)
+    pack = s.kind == "dpo" and s.share_prompts and packable(model)
+    chosen, rejected = _encode_rows(tokenizer, rows, s.max_length, s.max_prompt_length)
+    if s.kind == "dpo":
         assert rejected is not None and reference is not None, "a preference update needs rejected responses and reference log-probs"
         reference_chosen, reference_rejected = (r.to(device) for r in reference)
     lengths = [len(c[0]) + (len(rejected[i][0]) if rejected else 0) for i, c in enumerate(chosen)]
-    generator = torch.Generator().manual_seed(seed)
-    batches = [b for _ in range(epochs) for b in _bucketed_batches(lengths, batch_size, generator, length_window)]
-    total_steps = max(1, math.ceil(len(batches) / grad_accum))
-    warmup = int(warmup_ratio * total_steps)
-    scorer = wrap(model, parallel_mode)          # after this, FSDP's parameters are the sharded ones
+    generator = torch.Generator().manual_seed(s.seed)
+    batches = [b for _ in range(s.epochs) for b in _bucketed_batches(lengths, s.batch_size, generator, s.length_window)]
+    total_steps = max(1, math.ceil(len(batches) / s.grad_accum))
+    warmup = int(s.warmup_ratio * total_steps)
+    scorer = wrap(model, s.parallel_mode)        # after this, FSDP's parameters are the sharded ones
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     # lr(step) = lr * step / warmup during warm-up, then lr * (1 + cos(pi * progress)) / 2
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: (t + 1) / (warmup + 1) if t < warmup else
+                                                 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total_steps - warmup))))
     model.train()
     logged, sums, grad_norms, n_logged, tokens, t0 = [], {}, [], 0, 0, time.time()
-    checks = []     # per optimizer step since the last log: (step, batch, rows, finite?), the flag left on the device
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress or not parallel.is_main(), leave=False)
+    watch = _FiniteWatch(s.desc, total_steps)
+    bar = tqdm(total=total_steps, desc=s.desc, disable=not s.progress or not parallel.is_main(), leave=False)
     step = 0
     for i, global_idx in enumerate(batches):
         # this rank's rows of the global batch; a rank left without rows runs one with weight 0 so that every
@@ -215,74 +255,53 @@ def train(model, tokenizer, rows, *, kind, epochs=1, lr=1e-5, batch_size=16, gra
         # over ranks that DDP / FSDP take is the mean over the global batch.
         idx = parallel.mine(global_idx) or global_idx[:1]
         weight = (len(parallel.mine(global_idx)) > 0) * parallel.world_size() / len(global_idx)
-        b = None
-        if kind in ("sft", "confident"):
+        if s.kind == "confident":                   # token-level: it needs the logits, not summed log-probs
             b = collate([chosen[j] for j in idx], pad_id)
-        elif pack:
-            # chosen and rejected of a pair share their prompt: one pass of it, both responses after it
-            # (generate.pack_rows); a row holds at most two of the longest pairs
-            packed = pack_rows([chosen[j] for j in idx] + [rejected[j] for j in idx], 2 * max_length)
-            tokens += sum(row_length(row) for row in packed)         # tokens the model ran: a prompt once
-            logps, n = packed_sequence_logps(scorer, packed, 2 * len(idx), pad_id, dtype, device)  # [2B]: chosen first
-        else:
-            b = collate_pairs([chosen[j] for j in idx], [rejected[j] for j in idx], pad_id)   # [2B, T]
-        if b is not None:
-            tokens += int(b["attention_mask"].sum())
-        if kind == "confident":
             logits, targets, example_ids = scored_logits(scorer, b["input_ids"].to(device),
                                                          b["attention_mask"].to(device), b["loss_mask"])
-            alpha = confident_weight * min(1.0, step / max(1.0, confident_warmup * total_steps))
+            alpha = s.confident_weight * min(1.0, step / max(1.0, s.confident_warmup * total_steps))
             losses, stats = confident_loss(logits, targets, example_ids, len(idx), alpha)
             stats["alpha"] = torch.full_like(losses, alpha)
-        elif b is not None:
-            logps, n = sequence_logps(scorer, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
-        if kind == "sft":
-            losses = sft_loss(logps, n)
+            tokens += int(b["attention_mask"].sum())
+        elif s.kind == "sft":
+            logps, n, ran = batch_logps(scorer, [chosen[j] for j in idx], pad_id, False, 0, dtype, device)
+            losses, tokens = sft_loss(logps, n), tokens + ran
             stats = {"sft": losses.detach()}
-        elif kind == "dpo":
+        else:                                       # dpo: [2B] log-probs, chosen first (rows i and B + i a pair)
+            logps, n, ran = batch_logps(scorer, [chosen[j] for j in idx] + [rejected[j] for j in idx], pad_id,
+                                         pack, 2 * s.max_length, dtype, device)
             B, j = len(idx), torch.tensor(idx, device=device)
             losses, stats = macpo_loss(logps[:B], logps[B:], reference_chosen[j], reference_rejected[j], n[:B],
-                                       beta=beta, sft_weight=sft_weight, label_smoothing=label_smoothing,
-                                       loss_type=loss_type)
-        (losses.sum() * weight / grad_accum).backward()
+                                       beta=s.beta, sft_weight=s.sft_weight, label_smoothing=s.label_smoothing,
+                                       loss_type=s.loss_type)
+            tokens += ran
+        (losses.sum() * weight / s.grad_accum).backward()
         for k, v in [("loss", losses.detach())] + list(stats.items()):
             sums[k] = sums.get(k, 0.0) + v.float().mean()
         n_logged += 1
-        if (i + 1) % grad_accum and i + 1 < len(batches):
+        if (i + 1) % s.grad_accum and i + 1 < len(batches):
             continue
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else float("inf"))
         grad_norms.append(grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        # the running loss sum stays non-finite once a NaN/inf enters it, so the first False names the fault's step
-        checks.append((step, i, idx, torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])))
+        watch.add(step, i, idx, sums["loss"], grad_norm)
         bar.update(1)
-        if step == 1 or step % log_every == 0 or step == total_steps:
+        if step == 1 or step % s.log_every == 0 or step == total_steps:
             means = parallel.mean(torch.stack([v / n_logged for v in sums.values()]))    # over ranks
             row = dict(zip(sums, means.tolist()))
             row["grad_norm"] = float(torch.stack(grad_norms).mean())
-            if not all(math.isfinite(v) for v in row.values()):
-                ok = torch.stack([c[-1] for c in checks]).tolist()
-                bad_step, bad_batch, bad_idx, _ = checks[ok.index(False) if False in ok else -1]
-                raise NonFiniteError(f"{desc}: non-finite loss or gradient at optimizer step {bad_step} of "
-                                     f"{total_steps} (batch {bad_batch}, rows {bad_idx[:8]}): {row}. The stage is "
-                                     f"stopped and not saved; the previous stage's checkpoint is intact. Try a lower "
-                                     f"--lr.")
-            checks = []
+            watch.check(row)
             row.update(step=step, lr=schedule.get_last_lr()[0], tokens_per_s=tokens / (time.time() - t0))
             logged.append(row)
             if log_file is not None and parallel.is_main():
-                log_file.write(json.dumps({"stage": desc, **row}) + "\n")
+                log_file.write(json.dumps({"stage": s.desc, **row}) + "\n")
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "accuracy", "margin") if k in row}
                             | {"tok/s": f"{row['tokens_per_s']:.0f}"})
             sums, grad_norms, n_logged = {}, [], 0
     bar.close()
-    # The last update can overflow the weights even when its loss and gradient were finite: a model with a
-    # non-finite weight is never returned, so never saved.
-    if not bool(torch.stack([torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in params]).all()):
-        raise NonFiniteError(f"{desc}: non-finite weights after the last optimizer step ({total_steps}). The stage "
-                             f"is stopped and not saved; the previous stage's checkpoint is intact. Try a lower --lr.")
+    watch.check_weights(params)
     model.eval()
     return logged

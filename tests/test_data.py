@@ -1,25 +1,25 @@
 """data.py: readers for each dataset format, download fallbacks, splits, prompt rendering, encode/collate.
 
 Every expected value below is written by hand (or counted independently of data.py), never taken from the code
-under test. No network: downloads are tested with urllib.request.urlopen replaced.
+under test. No network: downloads run with huggingface_hub offline, most against a fake hub.
 """
 import gzip
-import io
+import hashlib
 import json
 import re
 import sys
-import urllib.error
-import urllib.request
 import zlib
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (DataError, Example, collate, collate_pairs, dataset_file, encode, paper_splits,  # noqa: E402
-                  read_any, read_hh, read_jsonl_pairs, read_llamafactory, read_pku, render_prompt,
-                  splits_with_test_file, truncate_prompt)
+from data import (DataError, Example, collate, collate_pairs, dataset_file, encode,  # noqa: E402
+                  missing_dataset_files, paper_splits, read_any, read_hh, read_jsonl_pairs, read_llamafactory,
+                  read_pku, render_prompt, splits_with_test_file, truncate_prompt)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -305,66 +305,165 @@ def test_real_pku_test_1k(capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Downloads (no network: urlopen is replaced)
+# Downloads. No network: each test turns huggingface_hub's offline switch on, so a hub call no fake replaces is
+# refused before any request; most replace huggingface_hub.hf_hub_download with a fake hub.
 
 HELPFUL_TEST_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/test.jsonl.gz"
+PKU_TRAIN_URL = "https://huggingface.co/datasets/PKU-Alignment/PKU-SafeRLHF/resolve/main/data/Alpaca-7B/train.jsonl"
+HELPFUL_TEST_SHA256 = "8be3fc1a13b27901631696f2be6f184c799f1baeaf145f53ac5db24960adc37b"   # its LFS pointer
 
 
-class FakeResponse(io.BytesIO):
-    def __init__(self, content):
-        super().__init__(content)
-        self.headers = {"Content-Length": str(len(content))}
+@pytest.fixture
+def offline(monkeypatch):
+    # HF_HUB_OFFLINE is read once, when huggingface_hub is imported; this is the flag it consults per request.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def test_download_without_network_says_what_to_fetch_and_where(tmp_path, monkeypatch):
-    def offline(url, timeout=None):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    cache = tmp_path / "cache"
-    with pytest.raises(DataError) as error:
-        dataset_file("hh", "helpful-base", "test", cache_dir=cache)
-    message = str(error.value)
+class FakeHub:
+    """Stands in for huggingface_hub.hf_hub_download, laid out as the HF cache is: the bytes in blobs/, the
+    returned path a link to them under snapshots/. Serves `content`, or raises `error`; records every call."""
+
+    def __init__(self, root):
+        self.root, self.content, self.error, self.calls = root, b"", None, []
+
+    def __call__(self, repo_id, filename, **kwargs):
+        self.calls.append({"repo_id": repo_id, "filename": filename, **kwargs})
+        if self.error is not None:
+            raise self.error
+        blob = self.root / "blobs" / f"{len(self.calls)}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(self.content)
+        link = self.root / "snapshots" / repo_id / filename
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+        return str(link)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch, offline):
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    return hub
+
+
+@pytest.mark.parametrize("error", [LocalEntryNotFoundError("Cannot find the requested files in the disk cache"),
+                                   OfflineModeIsEnabled("offline mode is enabled")])
+def test_download_without_network_says_what_to_fetch_and_where(tmp_path, fake_hub, error):
+    fake_hub.error = error
+    data_dir = tmp_path / "data"
+    with pytest.raises(DataError) as raised:
+        dataset_file("hh", "helpful-base", "test", data_dir=data_dir, cache_dir=tmp_path / "cache")
+    message = str(raised.value)
     assert HELPFUL_TEST_URL in message
-    assert str(cache / "hh-rlhf" / "helpful-base" / "test.jsonl.gz") in message
-    assert "--data_dir" in message
-    with pytest.raises(DataError) as error:
-        dataset_file("pku", "Alpaca-7B", "train", cache_dir=cache)
-    assert ("https://huggingface.co/datasets/PKU-Alignment/PKU-SafeRLHF/resolve/main/data/Alpaca-7B/train.jsonl"
-            in str(error.value))
-    assert list(cache.rglob("*.part")) == []
+    assert "Anthropic/hh-rlhf" in message and "file helpful-base/test.jsonl.gz" in message
+    assert str(data_dir / "hh-rlhf" / "helpful-base" / "test.jsonl.gz") in message
+    assert "--data_dir" in message and "\n" not in message
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__    # no huggingface_hub traceback
+    with pytest.raises(DataError) as raised:
+        dataset_file("pku", "Alpaca-7B", "train", cache_dir=tmp_path / "cache")
+    message = str(raised.value)
+    assert PKU_TRAIN_URL in message
+    assert "DATA_DIR/PKU-SafeRLHF/data/Alpaca-7B/train.jsonl" in message and "--data_dir DATA_DIR" in message
+
+
+def test_download_offline_with_the_real_hub_client(tmp_path, offline):
+    # huggingface_hub's own errors (not a fake's) come out as one DataError line: nothing cached, offline.
+    with pytest.raises(DataError) as raised:
+        dataset_file("hh", "helpful-base", "test", cache_dir=tmp_path / "cache")
+    message = str(raised.value)
+    assert HELPFUL_TEST_URL in message and "HF_HUB_OFFLINE is set" in message
+    assert "DATA_DIR/hh-rlhf/helpful-base/test.jsonl.gz" in message and "\n" not in message
 
 
 def test_local_file_is_used_before_any_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("must not download"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("must not download"))
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda *a, **k: pytest.fail("must not ask the hub"))
     local = tmp_path / "hh-rlhf" / "harmless-base" / "train.jsonl.gz"
     local.parent.mkdir(parents=True)
     local.write_bytes(b"x")
     assert dataset_file("hh", "harmless-base", "train", data_dir=tmp_path / "hh-rlhf") == local
     assert dataset_file("hh", "harmless-base", "train", data_dir=tmp_path) == local
-    cached = tmp_path / "cache" / "PKU-SafeRLHF" / "data" / "Alpaca-7B" / "test.jsonl"
+    assert missing_dataset_files([("hh", "harmless-base", "train")], data_dir=tmp_path) == []
+
+
+def test_file_in_the_hub_cache_is_used_offline(tmp_path, offline):
+    # The HF cache's layout, written by hand: a ref naming a commit, and the file under that commit's snapshot.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "datasets--PKU-Alignment--PKU-SafeRLHF"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    cached = repo / "snapshots" / commit / "data" / "Alpaca-7B" / "test.jsonl"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"y")
     assert dataset_file("pku", "Alpaca-7B", "test", cache_dir=tmp_path / "cache") == cached
+    assert missing_dataset_files([("pku", "Alpaca-7B", "test")], cache_dir=tmp_path / "cache") == []
 
 
-def test_download_lands_in_cache_and_is_checked(tmp_path, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(b"fresh data"))
+def test_download_lands_in_cache_and_is_checked(tmp_path, fake_hub):
+    fake_hub.content = b"fresh data"
     cache = tmp_path / "cache"
-    # No known checksum for the train file: saved as served.
+    # No known checksum for the train file: used as served.
     path = dataset_file("hh", "helpful-base", "train", cache_dir=cache)
-    assert path == cache / "hh-rlhf" / "helpful-base" / "train.jsonl.gz"
+    assert path == fake_hub.root / "snapshots" / "Anthropic/hh-rlhf" / "helpful-base" / "train.jsonl.gz"
     assert path.read_bytes() == b"fresh data"
-    # The helpful-base test file has a known sha256: wrong bytes are refused and nothing is left behind.
-    with pytest.raises(DataError, match="8be3fc1a13b27901631696f2be6f184c799f1baeaf145f53ac5db24960adc37b"):
+    assert fake_hub.calls == [{"repo_id": "Anthropic/hh-rlhf", "filename": "helpful-base/train.jsonl.gz",
+                               "repo_type": "dataset", "revision": "main", "cache_dir": cache}]
+    # The helpful-base test file has a known sha256: wrong bytes are refused, and taken out of the cache (the
+    # link and its blob) so that the next run downloads them again.
+    with pytest.raises(DataError) as raised:
         dataset_file("hh", "helpful-base", "test", cache_dir=cache)
-    assert sorted(p.name for p in (cache / "hh-rlhf" / "helpful-base").iterdir()) == ["train.jsonl.gz"]
+    message = str(raised.value)
+    assert "Anthropic/hh-rlhf/helpful-base/test.jsonl.gz" in message
+    assert HELPFUL_TEST_SHA256 in message and "expected 875191 bytes" in message
+    assert hashlib.sha256(b"fresh data").hexdigest() in message and "has 10 bytes" in message
+    assert sorted(p.name for p in (fake_hub.root / "snapshots" / "Anthropic/hh-rlhf" / "helpful-base").iterdir()) \
+        == ["train.jsonl.gz"]
+    assert sorted(p.name for p in (fake_hub.root / "blobs").iterdir()) == ["1"]
 
 
-def test_download_of_the_real_bytes_passes_the_check(tmp_path, monkeypatch):
+def test_download_of_the_real_bytes_passes_the_check(tmp_path, fake_hub):
     real = real_file("hh-rlhf/harmless-base/test.jsonl.gz").read_bytes()
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(real))
+    fake_hub.content = real
     path = dataset_file("hh", "harmless-base", "test", cache_dir=tmp_path)
     assert path.read_bytes() == real
+
+
+def test_missing_dataset_files_names_every_missing_file_at_once(tmp_path, offline):
+    # Offline with an empty cache, the real hub client: the two files not in data_dir are both named, each on its
+    # own line with its hub file and the path where it would be found.
+    data_dir = tmp_path / "data"
+    present = data_dir / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+    present.parent.mkdir(parents=True)
+    present.write_bytes(b"x")
+    requests = [("hh", "helpful-base", "train"), ("hh", "harmless-base", "test"), ("hh", "helpful-base", "test")]
+    missing = missing_dataset_files(requests, data_dir=data_dir, cache_dir=tmp_path / "cache")
+    assert len(missing) == 2 and all("\n" not in line for line in missing)
+    assert HELPFUL_TEST_URL.replace("test.jsonl.gz", "train.jsonl.gz") in missing[0]
+    assert str(data_dir / "hh-rlhf" / "helpful-base" / "train.jsonl.gz") in missing[0]
+    assert HELPFUL_TEST_URL in missing[1]
+    assert str(data_dir / "hh-rlhf" / "helpful-base" / "test.jsonl.gz") in missing[1]
+
+
+def test_missing_dataset_files_downloads_nothing(tmp_path, monkeypatch, offline):
+    # Online (faked): uncached files are looked up, never downloaded; one the hub answers for is not missing.
+    def cache_only(repo_id, filename, local_files_only=False, **kwargs):
+        if not local_files_only:
+            pytest.fail("must not download")
+        raise LocalEntryNotFoundError("not in the cache (test)")
+    asked = []
+
+    def metadata(url, **kwargs):
+        asked.append(url)
+        if url == HELPFUL_TEST_URL:
+            raise huggingface_hub.errors.HTTPError("connection reset (test)")   # not an OSError from hub 1.0 on
+        return object()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", metadata)
+    missing = missing_dataset_files([("hh", "helpful-base", "train"), ("hh", "helpful-base", "test")],
+                                    cache_dir=tmp_path / "cache")
+    assert asked == [HELPFUL_TEST_URL.replace("test.jsonl.gz", "train.jsonl.gz"), HELPFUL_TEST_URL]
+    assert len(missing) == 1 and "helpful-base/test.jsonl.gz" in missing[0]
+    assert "connection reset (test)" in missing[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -179,7 +179,8 @@ def test_table_end_to_end(tmp_path, reward_model):
     assert (seed / "spin" / "round1" / "student" / "DONE").exists()
     # self-rewarding: chosen is the sample the student scores highest, rejected the lowest
     for r in macpo.read_jsonl(seed / "self_reward" / "round1" / "pairs_student" / "pairs.jsonl"):
-        samples = [macpo.read_jsonl(seed / "self_reward" / "round1" / f"samples{j}" / "generations.jsonl")[r["i"]]
+        # round 1 samples the initial student; its samples sit beside it: samples, samples1, ...
+        samples = [macpo.read_jsonl(seed / "init" / "student" / f"samples{j or ''}" / "generations.jsonl")[r["i"]]
                    ["response"] for j in range(2)]
         assert r["chosen"] == samples[max(range(2), key=lambda j: (r["scores"][j], j))]
         assert r["rejected"] == samples[min(range(2), key=lambda j: (r["scores"][j], j))]

@@ -154,15 +154,16 @@ def test_packable_checks_the_model_and_the_padded_fallback_is_exact(tokenizer, m
 
 def test_dpo_training_with_shared_prompts_equals_padded_pairs(tokenizer):
     import copy
-    from train import reference_logps as train_reference_logps, train
+    from train import TrainSettings, reference_logps as train_reference_logps, train
     rows = list(zip(SHARED_PROMPTS[:6], SHARED_RESPONSES[:6], SHARED_RESPONSES[6:12]))
     start = make_model(tokenizer, seed=2)
     reference = train_reference_logps(start, tokenizer, rows, max_length=128)
     runs = []
     for share in (True, False):
         m = copy.deepcopy(start)
-        log = train(m, tokenizer, rows, kind="dpo", epochs=2, lr=1e-3, batch_size=3, max_length=128,
-                    reference=reference, share_prompts=share, progress=False, log_every=1)
+        log = train(m, tokenizer, rows, TrainSettings(kind="dpo", epochs=2, lr=1e-3, batch_size=3, max_length=128,
+                                                      share_prompts=share, progress=False, log_every=1),
+                    reference=reference)
         runs.append((m, [r["loss"] for r in log]))
     assert runs[0][1] == pytest.approx(runs[1][1], rel=1e-5) and len(runs[0][1]) == 4
     for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):

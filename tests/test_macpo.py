@@ -33,13 +33,19 @@ def run_dir(tmp_path_factory):
     return out
 
 
+def start_of(r):
+    """The folder of the checkpoints round r starts from: round1 -> init, round2 -> round1."""
+    return "init" if r == "round1" else f"round{int(r[5:]) - 1}"
+
+
 def expected_stages():
     names = ["bases/tokenizer"] + [f"bases/{a}" for a in AGENTS]
     names += [f"init/teacher{k}{s}" for k in range(3) for s in ("", "_neg")]
     names += ["init/weak_labels", "init/student", "init/weak_negatives", "init/student_neg"]
     names += [f"init/negatives_{a}" for a in AGENTS] + [f"eval/init/{a}" for a in AGENTS]
     for r in ROUNDS:
-        names += [f"{r}/generations_{a}" for a in AGENTS] + [f"{r}/pairs_student", f"{r}/pairs_teachers"]
+        # each round samples the agents it starts from; the samples sit beside their checkpoint
+        names += [f"{start_of(r)}/{a}/samples" for a in AGENTS] + [f"{r}/pairs_student"]
         names += [f"{r}/{a}" for a in AGENTS] + [f"eval/{r}/{a}" for a in AGENTS]
     return names + ["ceiling/student", "eval/ceiling/student"]
 
@@ -58,7 +64,7 @@ def test_every_stage_ran_and_wrote_its_files(run_dir):
     assert all(0.0 <= v <= 1.0 for row in results.values() for v in row.values())
     config = json.loads((run_dir / "config.json").read_text())
     assert config["n_w2s"] == 32 and config["out"] == str(run_dir)
-    n_pairs = [len((run_dir / r / "pairs_teachers" / f"teacher{k}.jsonl").read_text().splitlines())
+    n_pairs = [len((run_dir / r / f"teacher{k}" / "pairs.jsonl").read_text().splitlines())
                for r in ROUNDS for k in range(3)]
     assert n_pairs == [32] * 9
 
@@ -92,7 +98,7 @@ def test_selected_positive_is_the_argmin_perplexity_teacher_response(run_dir):
         assert rows[0]["scored_by"] == ("init/student" if r == "round1" else "round1/student")
         model, tokenizer = AutoModelForCausalLM.from_pretrained(scorer).eval(), AutoTokenizer.from_pretrained(scorer)
         teacher = {k: [json.loads(line)["response"] for line in
-                       (run_dir / r / f"generations_teacher{k}" / "generations.jsonl").read_text().splitlines()]
+                       (run_dir / start_of(r) / f"teacher{k}" / "samples" / "generations.jsonl").read_text().splitlines()]
                    for k in range(3)}
         negatives = [json.loads(line)["response"] for line in
                      (run_dir / "init" / "negatives_student" / "generations.jsonl").read_text().splitlines()]
@@ -110,10 +116,10 @@ def test_selected_positive_is_the_argmin_perplexity_teacher_response(run_dir):
 
 def test_teachers_positive_is_the_students_response(run_dir):
     student = [json.loads(line)["response"] for line in
-               (run_dir / "round2" / "generations_student" / "generations.jsonl").read_text().splitlines()]
+               (run_dir / "round1" / "student" / "samples" / "generations.jsonl").read_text().splitlines()]
     for k in range(3):
         rows = [json.loads(line) for line in
-                (run_dir / "round2" / "pairs_teachers" / f"teacher{k}.jsonl").read_text().splitlines()]
+                (run_dir / "round2" / f"teacher{k}" / "pairs.jsonl").read_text().splitlines()]
         own_negatives = [json.loads(line)["response"] for line in
                          (run_dir / "init" / f"negatives_teacher{k}" / "generations.jsonl").read_text().splitlines()]
         assert [r["chosen"] for r in rows] == student
@@ -147,7 +153,7 @@ def test_signal_block_equals_a_rescoring_of_the_pair_files(run_dir):
             assert s["chosen_score"] == pytest.approx(sum(c) / n)
             assert s["identical"] == pytest.approx(sum(x["chosen"] == x["rejected"] for x in rows) / 32)
         # the student's selection: every teacher's response to every prompt, re-scored
-        teacher = {k: gen(f"{r}/generations_teacher{k}") for k in range(3)}
+        teacher = {k: gen(f"{start_of(r)}/teacher{k}/samples") for k in range(3)}
         picks = [json.loads(line) for line in (run_dir / r / "pairs_student" / "pairs.jsonl").read_text().splitlines()]
         cand = [[toy.reward(t[i]["prompt"], t[i]["response"]) for t in teacher.values()] for i in range(32)]
         s = res["signal"][r]["student"]
@@ -269,8 +275,7 @@ def test_toy_bases_are_cached_by_recipe_and_shared_across_seeds(tmp_path):
 
     def bases(name, *flags):
         cfg = macpo.parse_config(SMALL + ["--out", str(tmp_path / name), *flags])
-        teachers, student = toy_bases(cfg, Run(cfg))
-        return [Path(t) for t in teachers] + [Path(student)]
+        return [Path(folder) for folder in toy_bases(cfg, Run(cfg)).values()]
     cache = tmp_path / "toy_bases"
     first = bases("a", "--toy_pretrain_workers", "2")
     entries = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))

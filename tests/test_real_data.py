@@ -1,9 +1,9 @@
 """The real-data path (`run.sh hh`) offline: a clear error naming the files to fetch, and a full run on the HH
 test file in ../shared/data with shrunken splits and tiny local models (no downloads)."""
 import json
-import urllib.request
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 
 import macpo
@@ -13,18 +13,16 @@ HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf"
 TINY_HH = [["This is a fixture dialogue.", "Human: hello there", "Assistant: Sorry, I do not know."]]
 
 
-def no_network(*args, **kwargs):
-    raise OSError("network unreachable (test)")
-
-
 def test_hh_offline_names_the_file_to_fetch_and_where(tmp_path, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    # HF_HUB_OFFLINE is read when huggingface_hub is imported; this is the flag it consults on every request.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "data").mkdir()
     with pytest.raises(SystemExit) as e:
         macpo.main(["--task", "hh-helpful", "--teachers", "a,b", "--student", "c", "--out", str(tmp_path / "run"),
-                    "--cache_dir", str(tmp_path / "cache")])
+                    "--data_dir", str(tmp_path / "data"), "--cache_dir", str(tmp_path / "cache")])
     msg = str(e.value)
     assert "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/train.jsonl.gz" in msg
-    assert str(tmp_path / "cache" / "hh-rlhf" / "helpful-base" / "train.jsonl.gz") in msg and "--data_dir" in msg
+    assert str(tmp_path / "data" / "hh-rlhf" / "helpful-base" / "train.jsonl.gz") in msg and "--data_dir" in msg
 
 
 def test_missing_model_says_what_to_download(tmp_path, monkeypatch):

@@ -394,7 +394,7 @@ ROWS = [(f"USER: What is {i} + 30? ASSISTANT:", f"{i} + 30 = {i + 30}.", None) f
 def test_absurd_learning_rate_stops_training(tokenizer):
     model = make_model(tokenizer)
     with pytest.raises(train.NonFiniteError, match=r"optimizer step \d+ of 4 \(batch \d+, rows"):
-        train.train(model, tokenizer, ROWS, kind="sft", lr=1e30, batch_size=4, log_every=100, progress=False)
+        train.train(model, tokenizer, ROWS, train.TrainSettings(kind="sft", lr=1e30, batch_size=4, log_every=100, progress=False))
 
 
 def test_nan_weight_stops_at_the_first_step(tokenizer):
@@ -402,7 +402,7 @@ def test_nan_weight_stops_at_the_first_step(tokenizer):
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(train.NonFiniteError, match=r"step 1 of 4 \(batch 0"):
-        train.train(model, tokenizer, ROWS, kind="sft", lr=1e-3, batch_size=4, log_every=100, progress=False)
+        train.train(model, tokenizer, ROWS, train.TrainSettings(kind="sft", lr=1e-3, batch_size=4, log_every=100, progress=False))
 
 
 def test_nan_between_log_steps_is_caught_at_its_own_step(tokenizer, monkeypatch):
@@ -415,8 +415,8 @@ def test_nan_between_log_steps_is_caught_at_its_own_step(tokenizer, monkeypatch)
         return losses * float("nan") if len(calls) == 2 else losses
     monkeypatch.setattr(train, "sft_loss", nan_on_second_batch)
     with pytest.raises(train.NonFiniteError, match=r"step 2 of 4 \(batch 1,"):
-        train.train(make_model(tokenizer), tokenizer, ROWS, kind="sft", lr=1e-3, batch_size=4, log_every=100,
-                    progress=False)
+        train.train(make_model(tokenizer), tokenizer, ROWS, train.TrainSettings(kind="sft", lr=1e-3, batch_size=4, log_every=100,
+                    progress=False))
 
 
 def test_weights_that_overflow_on_the_last_step_are_never_returned(tokenizer, monkeypatch):
@@ -427,14 +427,14 @@ def test_weights_that_overflow_on_the_last_step_are_never_returned(tokenizer, mo
                 self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
     monkeypatch.setattr(torch.optim, "AdamW", OverflowingAdamW)
     with pytest.raises(train.NonFiniteError, match="non-finite weights after the last optimizer step"):
-        train.train(make_model(tokenizer), tokenizer, ROWS[:4], kind="sft", lr=1e-3, batch_size=4, progress=False)
+        train.train(make_model(tokenizer), tokenizer, ROWS[:4], train.TrainSettings(kind="sft", lr=1e-3, batch_size=4, progress=False))
 
 
 def test_gradient_clipping_is_on_by_default(tokenizer, monkeypatch):
-    assert macpo.Config().grad_clip == 1.0 and stages._train_kwargs(macpo.Config())["grad_clip"] == 1.0
+    assert macpo.Config().grad_clip == 1.0 and stages._settings(macpo.Config(), "x").grad_clip == 1.0
     norms, clip = [], torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: norms.append(max_norm) or clip(p, max_norm))
-    train.train(make_model(tokenizer), tokenizer, ROWS[:8], kind="sft", lr=1e-3, batch_size=4, progress=False)
+    train.train(make_model(tokenizer), tokenizer, ROWS[:8], train.TrainSettings(kind="sft", lr=1e-3, batch_size=4, progress=False))
     assert norms == [1.0, 1.0]
 
 
@@ -448,7 +448,7 @@ def resumable_copy(reference, tmp_path, undone):
     return out
 
 
-ROUND1_UPDATES = ["round1/student", "round1/pairs_teachers", "round1/teacher0", "round1/teacher1"]
+ROUND1_UPDATES = ["round1/student", "round1/teacher0", "round1/teacher1"]
 
 
 def test_nan_in_a_stage_exits_with_the_step_and_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):

@@ -116,6 +116,7 @@ def test_a_run_folder_from_before_the_new_flags_resumes(tmp_path):
     """config.json written before --identical_pairs / --signal / --reward_models existed: the run resumes with
     identical_pairs keep (what it trained with) and any reporting flags, and is refused with drop."""
     import macpo
+    import stages
     from stages import Run
     cfg = macpo.parse_config(["--out", str(tmp_path), "--identical_pairs", "keep", "--reward_models", "rm"])
     old = {k: v for k, v in json.loads(json.dumps(vars(cfg))).items()
@@ -124,6 +125,6 @@ def test_a_run_folder_from_before_the_new_flags_resumes(tmp_path):
     (tmp_path / "init").mkdir()
     (tmp_path / "init" / "DONE").write_text("")
     Run(cfg)._lock.close()
-    with pytest.raises(SystemExit, match="identical_pairs"):
+    with pytest.raises(stages.RunError, match="identical_pairs"):
         (tmp_path / "config.json").write_text(json.dumps(old))
         Run(macpo.parse_config(["--out", str(tmp_path)]))

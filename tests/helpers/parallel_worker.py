@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))          # the proj
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # tests/, for conftest's tiny models
 import parallel  # noqa: E402
 from conftest import make_model, make_tokenizer  # noqa: E402
-from train import reference_logps, train  # noqa: E402
+from train import TrainSettings, reference_logps, train  # noqa: E402
 
 out, kind, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
@@ -20,10 +20,10 @@ tokenizer = make_tokenizer()
 model = make_model(tokenizer, hidden=32, layers=2, seed=0)
 rows = [(f"USER: What is {a} + {b}? ASSISTANT:", f"{a} + {b} = {a + b}.", f"{a} + {b} = {a + b + 1}.")
         for a, b in zip(range(10, 46), range(50, 86))]                                     # 36 pairs
-kw = dict(epochs=2, lr=1e-2, batch_size=12, max_length=64, seed=3, log_every=1, progress=False, parallel_mode=mode)
-if kind == "dpo":
-    kw["reference"] = reference_logps(model, tokenizer, rows, batch_size=5, max_length=64)
-logged = train(model, tokenizer, rows, kind=kind, **kw)
+settings = TrainSettings(kind=kind, epochs=2, lr=1e-2, batch_size=12, max_length=64, seed=3, log_every=1,
+                         progress=False, parallel_mode=mode)
+reference = reference_logps(model, tokenizer, rows, batch_size=5, max_length=64) if kind == "dpo" else None
+logged = train(model, tokenizer, rows, settings, reference=reference)
 state = {k: v.contiguous() for k, v in (__import__("train").full_state_dict(model) or model.state_dict()).items()}
 if parallel.is_main():
     out.mkdir(parents=True, exist_ok=True)
