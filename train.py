@@ -57,8 +57,9 @@ def _load_error(name_or_path, e):
     return ModelLoadError(
         f"cannot load model {name_or_path!r}: it is not a local model folder and the Hugging Face hub is not "
         f"reachable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}).\n"
-        f"On a machine with network: `huggingface-cli download {name_or_path} --local-dir models/{name_or_path}`, "
-        f"copy models/{name_or_path} here and pass that folder instead of the name.")
+        f"On a machine with network: `hf download {name_or_path} --local-dir models/{name_or_path}` "
+        f"(`huggingface-cli download ...` with huggingface_hub before 0.34), copy models/{name_or_path} here and "
+        f"pass that folder instead of the name.")
 
 
 def check_model(name_or_path, trust_remote_code=False):

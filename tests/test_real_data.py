@@ -25,6 +25,21 @@ def test_hh_offline_names_the_file_to_fetch_and_where(tmp_path, monkeypatch):
     assert str(tmp_path / "data" / "hh-rlhf" / "helpful-base" / "train.jsonl.gz") in msg and "--data_dir" in msg
 
 
+def test_offline_error_names_every_missing_file_and_model_at_once(tmp_path, monkeypatch):
+    """Two dataset files and three models missing: one error lists all five, before anything trains; the flag
+    is spelt --data-dir here (both spellings are accepted)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(SystemExit) as e:
+        macpo.main(["--task", "hh-helpful", "--teachers", "nope/t0,nope/t1", "--student", "nope/s",
+                    "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data")])
+    msg = str(e.value)
+    assert "5 of the run's files or models are missing" in msg
+    for missing in ("helpful-base/train.jsonl.gz", "helpful-base/test.jsonl.gz", "'nope/t0'", "'nope/t1'", "'nope/s'"):
+        assert missing in msg, missing
+    assert not (tmp_path / "run" / "init").exists()
+
+
 def test_missing_model_says_what_to_download(tmp_path, monkeypatch):
     if not HH.exists():
         pytest.skip("../shared/data/hh-rlhf not present")

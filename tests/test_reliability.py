@@ -225,6 +225,13 @@ def test_incompatible_flags_are_refused_naming_the_flag(tmp_path, capsys, flags,
     assert not (tmp_path / "run").exists()
 
 
+def test_flags_accept_dashes_as_well_as_underscores():
+    """--data-dir as --data_dir, --no-hard-negatives as --no-hard_negatives (HfArgumentParser accepts both)."""
+    cfg = macpo.parse_config(["--data-dir", "d", "--n-init", "7", "--no-hard-negatives", "--neg_sft_lr", "1e-3"])
+    assert (cfg.data_dir, cfg.n_init, cfg.hard_negatives, cfg.neg_sft_lr) == ("d", 7, False, 1e-3)
+    assert macpo.parse_config([]).hard_negatives is True
+
+
 def test_splits_larger_than_the_data_are_refused_naming_the_flags(tmp_path):
     with pytest.raises(SystemExit, match="--n_init") as e:       # the toy task runs out of harmful requests
         macpo.main(SMALL + ["--n_init", "100000", "--out", str(tmp_path / "toy")])
