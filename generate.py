@@ -60,10 +60,50 @@ class ScoredLM(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, rows, cols, position_ids=None):
-        hidden = _backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids).last_hidden_state
-        return self.model.get_output_embeddings()(hidden[rows, cols])              # [B, T, H] -> [N, V]
+    def forward(self, input_ids, attention_mask, rows, cols, position_ids=None, cache=None, use_cache=False):
+        backbone = _backbone(self.model)
+        kv = {"use_cache": True, _cache_kwarg(backbone): cache} if use_cache else {}
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kv)
+        logits = self.model.get_output_embeddings()(out.last_hidden_state[rows, cols])  # [B, T, H] -> [N, V]
+        return (logits, out.past_key_values) if use_cache else logits
+
+
+def scorer_for(model):
+    """The ScoredLM every forward pass of `model` goes through: for a model sharded with FSDP (train.wrap, or
+    loaded sharded) the one its hooks are registered on, so that generation, scoring and training all run
+    through the sharded root; otherwise a fresh wrapper (it holds no state)."""
+    return getattr(model, "_macpo_scorer", None) or ScoredLM(model)
+
+
+def is_sharded(model):
+    """Is `model` sharded across ranks (FSDP)? Then every forward pass is a collective: every rank must make the
+    same calls, so ranks with less work run padding batches and decoding stops when every rank's batch is done."""
+    return getattr(model, "_macpo_scorer", None) is not None and parallel.world_size() > 1
+
+
+def _everyone(flag, sharded):
+    """A 0-dim bool tensor -> bool: on a sharded model, True only when it is True on every rank."""
+    if not sharded:
+        return bool(flag)
+    flag = flag.to(torch.int32).reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _reshard(scorer, sharded):
+    """FSDP keeps the root's parameters (embeddings, final norm, head) gathered after a forward pass, expecting a
+    backward; after inference, shard them again so that each rank holds its 1/W share only."""
+    if sharded:
+        scorer.reshard()
+
+
+def _padded_share(items, sharded):
+    """This rank's share of `items`; when the model is sharded, padded with None up to the largest share, so
+    that every rank runs as many batches (a None is run on a real batch and its results dropped)."""
+    mine = parallel.mine(items)
+    if not sharded:
+        return mine
+    return mine + [None] * (-(-len(items) // parallel.world_size()) - len(mine))
 
 
 def scored_logits(model, input_ids, attention_mask, loss_mask):
@@ -72,7 +112,7 @@ def scored_logits(model, input_ids, attention_mask, loss_mask):
     processes (parallel.wrap). Used by sequence_logps and by token-level losses (losses.confident_loss)."""
     rows, cols = loss_mask[:, 1:].nonzero(as_tuple=True)                                # [N], [N]
     rows, cols = rows.to(input_ids.device), cols.to(input_ids.device)
-    scorer = ScoredLM(model) if hasattr(model, "get_output_embeddings") else model
+    scorer = scorer_for(model) if hasattr(model, "get_output_embeddings") else model
     return scorer(input_ids, attention_mask, rows, cols), input_ids[rows, cols + 1], rows
 
 
@@ -126,7 +166,7 @@ def packable(model):
             device, dtype, training = _device(model), next(model.parameters()).dtype, model.training
             model.eval()
             with torch.no_grad():
-                packed, _ = packed_sequence_logps(ScoredLM(model), pack_rows(encoded, 16), 2, 0, dtype, device)
+                packed, _ = packed_sequence_logps(scorer_for(model), pack_rows(encoded, 16), 2, 0, dtype, device)
                 b = collate(encoded, 0)
                 padded, _ = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device),
                                            b["loss_mask"])
@@ -241,9 +281,10 @@ def packed_sequence_logps(scorer, rows, n_pairs, pad_id, dtype, device):
 
 def batch_logps(scorer, rows, pad_id, pack, row_tokens, dtype, device):
     """Summed log-probs and token counts of one batch of encoded rows [(input_ids, loss_mask)] through `scorer`
-    (a ScoredLM, maybe wrapped for several processes; gradients flow: the training loop's forward pass) -> (logps [N] float32, n_tokens [N], tokens the model ran). pack: responses to one prompt
-    (a pair's chosen and rejected) follow one pass of it (pack_rows, rows of at most row_tokens);
-    otherwise one right-padded row each."""
+    (a ScoredLM, maybe wrapped for several processes; gradients flow: the training loop's forward pass)
+    -> (logps [N] float32, n_tokens [N], tokens the model ran). pack: responses to one prompt (a pair's chosen
+    and rejected) follow one pass of it (pack_rows, rows of at most row_tokens); otherwise one right-padded row
+    each."""
     if pack:
         packed = pack_rows(rows, row_tokens)
         logps, n = packed_sequence_logps(scorer, packed, len(rows), pad_id, dtype, device)
@@ -261,22 +302,26 @@ def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progres
     most batch_size rows at a time, batches cut at 10% padding. Equal to sequence_logps on each pair alone, without
     re-running shared prompts."""
     device, dtype = _device(model), next(model.parameters()).dtype
-    pack = packable(model)
+    pack, sharded = packable(model), is_sharded(model)
     rows = pack_rows(encoded, row_tokens, share_prompts) if pack else [[i] for i in range(len(encoded))]
     lengths = [row_length(row) for row in rows] if pack else [len(ids) for ids, _ in encoded]
+    batches = length_sorted_batches(lengths, batch_size, 0.1)
     done = []
     # with several processes each rank scores its share of the batches; gather restores the input order
-    for idx in tqdm(parallel.mine(length_sorted_batches(lengths, batch_size, 0.1)), desc=desc, disable=not progress, leave=False):
+    for idx in tqdm(_padded_share(batches, sharded), desc=desc, disable=not progress, leave=False):
+        padding, idx = idx is None, batches[0] if idx is None else idx
         batch = [rows[r] for r in idx]
         if pack:
             ids = [r.pair for row in batch for doc in row for r in doc.responses]
-            logps, n = packed_sequence_logps(ScoredLM(model), batch, len(encoded), pad_id, dtype, device)
+            logps, n = packed_sequence_logps(scorer_for(model), batch, len(encoded), pad_id, dtype, device)
             logps, n = logps[ids], n[ids]
         else:
             ids = [row[0] for row in batch]
             b = collate([encoded[i] for i in ids], pad_id)
             logps, n = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
-        done += zip(ids, zip(logps.float().cpu().tolist(), n.tolist()))          # one sync per batch
+        if not padding:
+            done += zip(ids, zip(logps.float().cpu().tolist(), n.tolist()))      # one sync per batch
+    _reshard(scorer_for(model), sharded)
     gathered = parallel.gather(done)
     assert [i for i, _ in gathered] == list(range(len(encoded))), "packed_logps lost or repeated a pair"
     logps, n = zip(*[v for _, v in gathered]) if encoded else ((), ())
@@ -321,16 +366,15 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top
     samples from its own generator seeded with seed + b, so the same prompts give the same responses however
     many processes share the batches.
     """
-    device = _device(model)
-    backbone, head = _backbone(model), model.get_output_embeddings()
-    cache_kw = _cache_kwarg(backbone)
+    device, scorer, sharded = _device(model), scorer_for(model), is_sharded(model)
     eos_id = tokenizer.eos_token_id
     pad_id = data.pad_id(tokenizer)
     encoded = [truncate_prompt(tokenizer(p)["input_ids"], max_prompt_length, tokenizer.bos_token_id) for p in prompts]
     done = []
     batches = list(enumerate(length_sorted_batches([len(e) for e in encoded], batch_size)))
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress or not parallel.is_main(), leave=False)
-    for b, idx in parallel.mine(batches):
+    for item in _padded_share(batches, sharded):
+        padding, (b, idx) = item is None, batches[0] if item is None else item
         generator = torch.Generator(device=device).manual_seed(seed + b)
         B, P = len(idx), max(len(encoded[i]) for i in idx)
         input_ids = torch.full((B, P), pad_id, dtype=torch.long)
@@ -341,25 +385,26 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                   # [B, P], pads at 0
         new_tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        cache, step_ids = None, input_ids
+        finished = torch.full((B,), padding, dtype=torch.bool, device=device)     # a padding batch waits, done
+        cache, step_ids, last = None, input_ids, torch.arange(B, device=device)
         for t in range(max_new_tokens):
-            hidden = backbone(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=True, **{cache_kw: cache})
-            cache = hidden.past_key_values
-            token = _sample(head(hidden.last_hidden_state[:, -1]), temperature, top_p, generator)   # [B]
-            token = token.masked_fill(finished, pad_id)
+            # the head at each row's last position only: [B, V]
+            logits, cache = scorer(step_ids, attention_mask, last, torch.full_like(last, step_ids.shape[1] - 1),
+                                   position_ids, cache=cache, use_cache=True)
+            token = _sample(logits, temperature, top_p, generator).masked_fill(finished, pad_id)     # [B]
             new_tokens[:, t] = token
             finished |= token == eos_id
-            # checking `finished` on the host is a device sync: do it every 8 steps, not every step
-            if t % 8 == 7 and bool(finished.all()):
+            # checking `finished` on the host is a device sync: do it every 8 steps, not every step; sharded,
+            # every rank decodes until every rank's batch is done (each step is a collective)
+            if t % 8 == 7 and _everyone(finished.all(), sharded):
                 break
             step_ids = token[:, None]                                                   # [B, 1]
             attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)
             position_ids = position_ids[:, -1:] + 1
-        for r, row in enumerate(new_tokens.tolist()):
+        for r, row in enumerate([] if padding else new_tokens.tolist()):
             row = row[:row.index(eos_id)] if eos_id in row else row
             done.append((idx[r], tokenizer.decode(row, skip_special_tokens=True).strip()))
         bar.update(B * parallel.world_size())
     bar.close()
+    _reshard(scorer, sharded)
     return [text for _, text in parallel.gather(done)]

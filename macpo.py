@@ -314,7 +314,7 @@ def perplexity_pick(cfg, run, r, s, agents, responses, agent):
     y+_i = argmin_k PPL_student(y_i^k | x_i), scored by the student at the round's start (every perplexity is
     kept in ROUND/pairs_student)."""
     return select_positives_stage(cfg, run, f"{r}/pairs_student", agents["student"], s.Q,
-                                  [responses[n] for n in s.teachers], s.negatives["student"], s.teachers)
+                                  [responses[n] for n in s.teachers], s.teachers)
 
 
 def student_response(cfg, run, r, s, agents, responses, agent):

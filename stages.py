@@ -274,13 +274,14 @@ def samples(cfg, run, agent, prompts, j=0):
     return generate_stage(cfg, run, f"{run.name(agent)}/samples{j or ''}", agent, prompts)
 
 
-def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, negatives, teacher_names):
-    """Mutual positive behaviour augmentation, student side, and its hard negatives (section 2.1(b), (d)):
+def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, teacher_names):
+    """Mutual positive behaviour augmentation, the student's side:
 
         y+_i = argmin_k PPL_student(y_i^k | x_i)   over the K teachers' responses to prompt x_i
-        y-_i = the student's negative twin's response
-    -> the positive response per prompt, saved with every perplexity, who wrote each side and, with a scorer, the
-    scores of every candidate and of both sides (report.py: the pick against the best and a random one)."""
+
+    -> the positive response per prompt, saved (NAME/pairs.jsonl) with every perplexity, which teacher wrote it
+    and, with a scorer, the score of every candidate (report.py: the pick against the best and a random one).
+    The pair it goes into, negative included, is kept by the DPO stage that trains on it."""
     def build(folder):
         model, tokenizer = load_agent(cfg, student)
         rendered = [render(cfg, turns, tokenizer) for turns in prompts]
@@ -290,17 +291,15 @@ def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, 
                           max_prompt_length=cfg.max_prompt_length, progress=True)
         ppl = [flat[k * len(prompts):(k + 1) * len(prompts)] for k in range(len(teacher_responses))]     # [K][N]
         candidate = [scored(run, prompts, responses) for responses in teacher_responses]             # [K][N]
-        negative = scored(run, prompts, negatives)
         rows = []
         for i, turns in enumerate(prompts):
             best = min(range(len(teacher_names)), key=lambda k: ppl[k][i])
             rows.append({"i": i, "prompt": turns, "chosen": teacher_responses[best][i],
-                         "chosen_by": teacher_names[best], "rejected": negatives[i], "rejected_by": "student_neg",
+                         "chosen_by": teacher_names[best],
                          "perplexities": {n: ppl[k][i] for k, n in enumerate(teacher_names)},
                          "scored_by": run.name(student), "chosen_score": candidate[best][i],
-                         "rejected_score": negative[i],
                          "candidate_scores": {s: {n: candidate[k][i][s] for k, n in enumerate(teacher_names)}
-                                              for s in negative[i]}})
+                                              for s in candidate[best][i]}})
         write_jsonl(folder / "pairs.jsonl", rows)
     return [r["chosen"] for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
 

@@ -185,7 +185,7 @@ def test_table_end_to_end(tmp_path, reward_model):
         assert r["chosen"] == samples[max(range(2), key=lambda j: (r["scores"][j], j))]
         assert r["rejected"] == samples[min(range(2), key=lambda j: (r["scores"][j], j))]
     # -HN: the student's negatives are the hard negatives of other prompts, each used once
-    hn = macpo.read_jsonl(seed / "macpo-hn" / "round1" / "pairs_student" / "pairs.jsonl")
+    hn = macpo.read_jsonl(seed / "macpo-hn" / "round1" / "student" / "pairs.jsonl")        # every pair given
     hard = [r["response"] for r in macpo.read_jsonl(seed / "init" / "negatives_student" / "generations.jsonl")]
     assert sorted(r["rejected"] for r in hn) == sorted(hard)
     # every result is a share of prompts answered correctly

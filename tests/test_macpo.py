@@ -94,6 +94,7 @@ def test_selected_positive_is_the_argmin_perplexity_teacher_response(run_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     for r in ("round1", "round2"):
         rows = [json.loads(line) for line in (run_dir / r / "pairs_student" / "pairs.jsonl").read_text().splitlines()]
+        pairs = [json.loads(line) for line in (run_dir / r / "student" / "pairs.jsonl").read_text().splitlines()]
         scorer = run_dir / rows[0]["scored_by"]
         assert rows[0]["scored_by"] == ("init/student" if r == "round1" else "round1/student")
         model, tokenizer = AutoModelForCausalLM.from_pretrained(scorer).eval(), AutoTokenizer.from_pretrained(scorer)
@@ -111,7 +112,9 @@ def test_selected_positive_is_the_argmin_perplexity_teacher_response(run_dir):
             if sorted(ppl.values())[1] - ppl[best] > 1e-6 * ppl[best]:       # skip exact ties
                 assert row["chosen_by"] == best
             assert row["chosen"] == teacher[int(row["chosen_by"][-1])][row["i"]]
-            assert row["rejected"] == negatives[row["i"]]          # the hard negative, reused every round
+            # the pair it trained on: the pick against the hard negative, reused every round
+            trained = pairs[row["i"]]
+            assert trained["chosen"] == row["chosen"] and trained["rejected"] == negatives[row["i"]]
 
 
 def test_teachers_positive_is_the_students_response(run_dir):
