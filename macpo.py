@@ -10,7 +10,8 @@ teachers take the student's response as theirs, and every agent is updated with 
     python macpo.py --task hh-helpful --teachers A,B,C --student S --data_dir ../shared/data/hh-rlhf ...
 
 Every stage writes into its own folder under --out and is marked done last; running the same command again
-skips finished stages, so a killed run continues where it stopped. Algorithm 1 is `macpo` below.
+skips finished stages, so a killed run continues where it stopped. Algorithm 1 is `initialise` (step 1) and
+`macpo_round` (step 2) below; the baselines are in baselines.py.
 """
 import argparse
 import dataclasses
@@ -143,8 +144,8 @@ class Config:
     # method: MACPO or a baseline (baselines.py), from the same initial agents and data
     method: str = "macpo"               # macpo | sft (naive SFT on weak labels) | confident (Burns et al. 2023) |
                                         # spin (Chen et al. 2024) | self_reward (Yuan et al. 2024)
-    mutual_positives: bool = True       # --no-mutual_positives: the -MP ablation (see macpo_rounds)
-    hard_negatives: bool = True         # --no-hard_negatives: the -HN ablation (see macpo_rounds)
+    mutual_positives: bool = True       # --no-mutual_positives: the -MP ablation (OWN_POSITIVES)
+    hard_negatives: bool = True         # --no-hard_negatives: the -HN ablation (deranged_negatives)
     confident_weight: float = 0.75      # confident: the final weight alpha of the student's own hardened
                                         # predictions (Burns et al.: 0.75 for their largest students)
     confident_warmup: float = 0.2       # confident: share of the steps over which alpha rises from 0 (Burns: 20%)
