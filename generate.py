@@ -76,9 +76,10 @@ def scorer_for(model):
 
 
 def is_sharded(model):
-    """Is `model` sharded across ranks (FSDP)? Then every forward pass is a collective: every rank must make the
-    same calls, so ranks with less work run padding batches and decoding stops when every rank's batch is done."""
-    return getattr(model, "_macpo_scorer", None) is not None and parallel.world_size() > 1
+    """Is `model` sharded across ranks with FSDP (train.wrap or train.load_sharded gave it its root)? Then every
+    forward pass is a collective: every rank must make the same calls, so ranks with less work run padding
+    batches and decoding stops when every rank's batch is done."""
+    return getattr(model, "_macpo_scorer", None) is not None
 
 
 def _everyone(flag, sharded):

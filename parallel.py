@@ -57,6 +57,15 @@ def mine(items):
     return items[rank()::world_size()]
 
 
+def chunk_bounds(n, part, parts):
+    """Rows [start, stop) of an n-row tensor that part `part` of `parts` holds when it is cut the way
+    torch.chunk cuts it, which is how FSDP2 shards dim 0: every part but the last ones has ceil(n / parts)
+    rows, so n = 5 over 4 parts is 2, 2, 1, 0 rows (a part may be empty)."""
+    size = -(-n // parts)                                          # ceil(n / parts)
+    start = min(part * size, n)
+    return start, min(start + size, n)
+
+
 def gather(pairs):
     """[(index, value)] computed on this rank -> every rank's pairs, sorted by index (the original order)."""
     if world_size() == 1:

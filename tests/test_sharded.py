@@ -1,0 +1,203 @@
+"""Sharded from loading to saving (train.load_sharded, train.save_sharded) under torchrun --nproc_per_node 2 on
+CPU (gloo), against the original safetensors folder and one process (train.load_model) on the same inputs."""
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "helpers" / "sharded_worker.py"
+sys.path.insert(0, str(WORKER.parent))                               # the worker's inputs(), for one process
+import parallel  # noqa: E402
+from conftest import make_model, make_tokenizer  # noqa: E402
+from sharded_worker import inputs  # noqa: E402
+from train import load_model  # noqa: E402
+
+torch.set_num_threads(1)                    # this machine's other core runs someone else's experiment
+
+
+def torchrun(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=timeout)
+
+
+def llama(tokenizer, seed, **sizes):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
+    return LlamaForCausalLM(config).eval()
+
+
+def checkpoint(folder):
+    """Every tensor in a folder's safetensors files, in float32."""
+    return {k: v.float() for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def max_relative(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# Three models, each saved with save_pretrained and loaded sharded over 2 ranks:
+#   even:  make_model's untied Llama, hidden 32: every weight's dim 0 splits evenly (half the parameters each)
+#   tied:  lm_head tied to embed_tokens (saved once), hidden 35 / intermediate 45, so norms, o_proj, the MLP
+#          split 18/17 and 23/22 rows; saved in bf16 across several files with model.safetensors.index.json
+#   empty: hidden 1, so every [1] norm and [1, in] o_proj / down_proj lives on rank 0 and rank 1's shard is empty
+#   broken: `even` without model.norm.weight: loading must fail, naming it
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    models, out = tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("out")
+    tokenizer = make_tokenizer()
+    folders = {"even": (make_model(tokenizer, hidden=32, layers=2, seed=0), {}),
+               "tied": (llama(tokenizer, 1, hidden_size=35, intermediate_size=45, num_hidden_layers=3,
+                              num_attention_heads=5, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+                        .to(torch.bfloat16), {"max_shard_size": "20KB"}),
+               "empty": (llama(tokenizer, 2, hidden_size=1, intermediate_size=3, num_hidden_layers=2,
+                               num_attention_heads=1, num_key_value_heads=1, head_dim=2,
+                               tie_word_embeddings=False), {})}
+    for name, (model, kwargs) in folders.items():
+        model.save_pretrained(models / name, **kwargs)
+        tokenizer.save_pretrained(models / name)
+    assert len(list((models / "tied").glob("model-*.safetensors"))) > 1      # loading reads through the index
+    broken = models / "broken"
+    model, _ = folders["even"]
+    model.save_pretrained(broken)
+    tokenizer.save_pretrained(broken)
+    state = load_file(broken / "model.safetensors")
+    del state["model.norm.weight"]
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    torchrun(str(models), str(out))
+    return models, out
+
+
+def test_chunk_bounds_cut_like_torch_chunk():
+    for n in range(12):
+        for parts in range(1, 6):
+            chunks = list(torch.arange(n).chunk(parts)) if n else []
+            expected = [(int(c[0]), int(c[-1]) + 1) for c in chunks] + [(n, n)] * (parts - len(chunks))
+            assert [parallel.chunk_bounds(n, r, parts) for r in range(parts)] == expected, (n, parts)
+
+
+def test_each_rank_holds_its_share(run):
+    _, out = run
+    for name in ("even", "tied", "empty"):
+        ranks = [json.loads((out / name / f"rank{r}.json").read_text()) for r in range(2)]
+        assert all(r["all_dtensors"] for r in ranks), name
+        assert ranks[0]["total"] == ranks[1]["total"]
+        assert ranks[0]["local"] + ranks[1]["local"] == ranks[0]["total"], name        # nothing held twice
+        if name == "even":
+            assert all(0.4 <= r["local"] / r["total"] <= 0.6 for r in ranks), ranks
+    tied = [json.loads((out / "tied" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["tied"] for r in tied)                              # one Parameter, not two copies
+    assert [r["local_rows"]["model.norm.weight"] for r in tied] == [18, 17]
+    assert [r["local_rows"]["model.layers.0.mlp.up_proj.weight"] for r in tied] == [23, 22]
+    empty = [json.loads((out / "empty" / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["local_rows"]["model.layers.1.self_attn.o_proj.weight"] for r in empty] == [1, 0]
+
+
+def test_gathered_weights_equal_the_checkpoint(run):
+    models, out = run
+    for name in ("even", "tied", "empty"):
+        original = checkpoint(models / name)
+        gathered = load_file(out / name / "gathered.safetensors")
+        if name == "tied":                                           # the checkpoint holds the pair once
+            assert "lm_head.weight" not in original
+            original["lm_head.weight"] = original["model.embed_tokens.weight"]
+        params = {k: v for k, v in gathered.items() if "rotary_emb" not in k}
+        assert params.keys() == original.keys(), name
+        for k in original:
+            assert params[k].dtype == torch.float32 and torch.equal(params[k], original[k]), (name, k)
+        # the rotary frequencies, not in any checkpoint, recomputed as one process has them
+        single, _ = load_model(models / name, "cpu")
+        for k, b in single.named_buffers():
+            assert torch.equal(gathered[k], b), (name, k)
+
+
+def test_sharded_forward_matches_one_process(run):
+    models, out = run
+    for name in ("even", "tied", "empty"):
+        single, _ = load_model(models / name, "cpu")
+        ids, mask = inputs(single.config.vocab_size)
+        with torch.no_grad():
+            expected = single(input_ids=ids, attention_mask=mask).logits                    # [2, 9, V]
+            prefix = single(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+            kv = "cache" if "cache" in inspect.signature(single.forward).parameters else "past_key_values"
+            step = single(input_ids=ids[:, -1:], attention_mask=mask, **{kv: prefix.past_key_values}).logits
+            generated = single.generate(ids[:1, :5], attention_mask=mask[:1, :5], max_new_tokens=6, do_sample=False,
+                                        pad_token_id=single.config.pad_token_id)
+        for r in range(2):                          # every rank ran the same input through the same model
+            got = load_file(out / name / f"rank{r}.safetensors")
+            assert got["logits"].shape == expected.shape
+            assert max_relative(got["logits"], expected) <= 1e-5, (name, r)
+            # a forward continuing from the KV cache, and greedy generate, through the sharded model
+            assert max_relative(got["step"], step) <= 1e-5, (name, r)
+            assert torch.equal(got["generated"], generated), (name, r)
+
+
+def test_streamed_save_loads_with_from_pretrained(run):
+    from transformers import AutoModelForCausalLM
+    models, out = run
+    for name in ("even", "tied", "empty"):
+        original = checkpoint(models / name)
+        for saved in ("saved", "saved_small"):
+            folder = out / name / saved
+            files = sorted(f.name for f in folder.glob("*.safetensors"))
+            if saved == "saved":                    # small models: one file, as save_pretrained writes it
+                assert files == ["model.safetensors"]
+            else:                                   # at most 1 kB per file: several, and the index names them all
+                index = json.loads((folder / "model.safetensors.index.json").read_text())
+                assert len(files) > 1 and sorted(set(index["weight_map"].values())) == files
+                assert index["weight_map"].keys() == checkpoint(folder).keys()
+            assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+            model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+            assert type(model).__name__ == "LlamaForCausalLM"
+            assert checkpoint(folder).keys() == original.keys(), (name, saved)           # tied: written once
+            state = model.state_dict()
+            for k in original:
+                assert torch.equal(state[k].float(), original[k]), (name, saved, k)
+            if name == "tied":
+                assert model.lm_head.weight is model.model.embed_tokens.weight
+            assert (folder / "tokenizer.json").is_file() == (saved == "saved")    # save_model adds it
+
+
+def test_streamed_save_of_a_model_trained_with_fsdp(run):
+    """save_model on a model that wrap sharded for training (--parallel fsdp) writes what full_state_dict
+    gathers, and training moved the weights (so the comparison is not with the untrained model)."""
+    from transformers import AutoModelForCausalLM
+    models, out = run
+    full = load_file(out / "trained" / "full.safetensors")
+    state = AutoModelForCausalLM.from_pretrained(out / "trained" / "saved", use_safetensors=True).state_dict()
+    assert full.keys() == state.keys()
+    assert all(torch.equal(state[k], full[k]) for k in full)
+    original = checkpoint(models / "even")
+    assert not torch.equal(full["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_missing_weight_is_an_error(run):
+    _, out = run
+    assert "model.norm.weight" in (out / "broken" / "error.txt").read_text()
+
+
+def test_peak_memory_per_rank(tmp_path):
+    """Prints (does not assert) each rank's peak RSS for a ~400 MB float32 model: load_sharded reads half the
+    weights per rank, save_model gathers one weight at a time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    t0 = time.time()
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=12, num_key_value_heads=4, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")                # ~99 M parameters, 397 MB
+    tokenizer.save_pretrained(tmp_path / "model")
+    if time.time() - t0 > 30:
+        pytest.skip("building the model took too long here")
+    result = torchrun(str(tmp_path / "model"), str(tmp_path / "out"), "--rss", timeout=300)
+    print("\n" + result.stdout.strip())
+    assert (tmp_path / "out" / "saved" / "model.safetensors").is_file()
