@@ -10,6 +10,7 @@ data.encode, the same split the training loss mask uses. Pairs that share a prom
 prompt, a chosen and a rejected response) are scored after one pass of it (pack_rows, below).
 """
 import bisect
+import functools
 import inspect
 from typing import NamedTuple
 
@@ -80,6 +81,17 @@ def is_sharded(model):
     forward pass is a collective: every rank must make the same calls, so ranks with less work run padding
     batches and decoding stops when every rank's batch is done."""
     return getattr(model, "_macpo_scorer", None) is not None
+
+
+def inference(fn):
+    """Decorator: run fn(model, ...) under torch.inference_mode, or under torch.no_grad for a sharded model,
+    whose FSDP buffers (the gathered weights) are made once and reused by training: made under inference_mode
+    they could never be written again outside it."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        with torch.no_grad() if is_sharded(model) else torch.inference_mode():
+            return fn(model, *args, **kwargs)
+    return run
 
 
 def _everyone(flag, sharded):
@@ -295,7 +307,7 @@ def batch_logps(scorer, rows, pad_id, pack, row_tokens, dtype, device):
     return logps, n, int(b["attention_mask"].sum())
 
 
-@torch.inference_mode()
+@inference
 def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progress=False, desc="scoring",
                  share_prompts=True):
     """Summed log-probs of the loss-masked tokens of each encoded pair and their count: (logps [N] float32,
@@ -356,7 +368,7 @@ def _sample(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.inference_mode()
+@inference
 def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top_p=1.0, batch_size=32, seed=0,
              max_prompt_length=1024, progress=True, desc="generate"):
     """One response string per prompt, in input order (prompt stripped, special tokens removed).

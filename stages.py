@@ -26,7 +26,7 @@ import evaluate
 import lora
 import parallel
 from generate import generate, perplexity
-from train import TrainSettings, load_model, reference_logps, save_model, train
+from train import TrainSettings, load_model, load_sharded, reference_logps, save_model, train
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,6 +167,11 @@ def render(cfg, turns, tokenizer):
 
 
 def load_agent(cfg, path):
+    """The model at `path`. Under torchrun with --parallel fsdp a full-weight checkpoint is loaded sharded
+    (train.load_sharded: no rank holds it whole) and every pass runs through its FSDP root; a LoRA checkpoint
+    loads its base whole on every rank, the adapters on top (sharding happens when it trains)."""
+    if cfg.parallel == "fsdp" and parallel.world_size() > 1 and lora.base_model_of(path) is None:
+        return load_sharded(str(path), cfg.device, cfg.trust_remote_code)
     return load_model(str(path), cfg.device, cfg.trust_remote_code)
 
 
@@ -189,9 +194,12 @@ def _uses_lora(cfg, name):
 
 def _load_trainable(cfg, name, start):
     """The model at `start`, ready to train in stage `name`: adapters added when the agent uses LoRA and the
-    checkpoint has none yet (a LoRA agent's later stages continue its adapters, as the release does)."""
-    model, tokenizer = load_agent(cfg, start)
-    if _uses_lora(cfg, name) and not lora.lora_modules(model):
+    checkpoint has none yet (a LoRA agent's later stages continue its adapters, as the release does). Adapters
+    go on a whole model, before train() shards it, so that FSDP shards them with their layers."""
+    lora_agent = _uses_lora(cfg, name)
+    model, tokenizer = (load_model(str(start), cfg.device, cfg.trust_remote_code) if lora_agent
+                        else load_agent(cfg, start))
+    if lora_agent and not lora.lora_modules(model):
         lora.add_lora(model, tuple(cfg.lora_targets.split(",")), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     return model, tokenizer
 

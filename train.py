@@ -19,7 +19,7 @@ import lora
 import parallel
 
 from data import collate, encode
-from generate import ScoredLM, batch_logps, is_sharded, packable, packed_logps, scored_logits, scorer_for
+from generate import ScoredLM, batch_logps, inference, is_sharded, packable, packed_logps, scored_logits, scorer_for
 from losses import confident_loss, macpo_loss, sft_loss
 
 
@@ -309,7 +309,7 @@ def _encode_rows(tokenizer, rows, max_length, max_prompt_length):
     return chosen, rejected
 
 
-@torch.inference_mode()
+@inference
 def reference_logps(model, tokenizer, rows, batch_size=32, max_length=1024, max_prompt_length=None):
     """Summed log-probs of every chosen and rejected response under the reference model: two [N] float32
     tensors on the CPU. Computed once before the update, so the reference model need not stay in memory.

@@ -43,9 +43,12 @@ def test_two_processes_match_one(one_process, tmp_path, mode, kind):
         assert torch.allclose(a[k], b[k], atol=1e-4), k
 
 
-def test_two_process_toy_run_matches_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_toy_run_matches_one_process(tmp_path, mode):
+    """Every stage of a run under torchrun: ddp (whole copies), or fsdp (full-weight checkpoints loaded
+    sharded, so generation, scoring, training and saving all run on 1/2 of the weights per rank)."""
     from test_macpo import SMOKE
-    flags = SMOKE + ["--n_teachers", "1", "--no-ceiling"]
+    flags = SMOKE + ["--n_teachers", "1", "--no-ceiling", "--parallel", mode]
     subprocess.run([sys.executable, "macpo.py", *flags, "--out", str(tmp_path / "one")], cwd=ROOT, check=True,
                    capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     torchrun("macpo.py", *flags, "--out", str(tmp_path / "two"))
