@@ -133,10 +133,11 @@ def _lora_settings(model):
     return {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets}
 
 
-def save_adapters(model, directory, config_dict=None):
+def save_adapters(model, directory, config_dict=None, tensors=None):
     """Adapter weights -> directory/adapter_model.safetensors (keys "<module name>.lora_A" / ".lora_B") and
     the settings -> directory/adapter_config.json. The settings are read off the model; `config_dict` adds
-    fields such as {"base_model": name or path} and may not contradict them."""
+    fields such as {"base_model": name or path} and may not contradict them. `tensors`: the weights under
+    those keys when the model's own are not whole (sharded: train.save_model gathers them)."""
     config, extra = _lora_settings(model), dict(config_dict or {})
     for key in ("rank", "alpha", "dropout"):
         if key in extra and extra[key] != config[key]:
@@ -145,10 +146,9 @@ def save_adapters(model, directory, config_dict=None):
     if "targets" in extra and not set(config["targets"]) <= set(extra["targets"]):
         raise ValueError(f"save_adapters: config targets {extra['targets']} but the model adapts {config['targets']}")
     config = {**extra, **config}
-    tensors = {}
-    for name, m in lora_modules(model):
-        tensors[f"{name}.lora_A"] = m.lora_A.detach().contiguous()
-        tensors[f"{name}.lora_B"] = m.lora_B.detach().contiguous()
+    if tensors is None:
+        tensors = {f"{name}.{kind}": getattr(m, kind) for name, m in lora_modules(model) for kind in ("lora_A", "lora_B")}
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
 

@@ -166,13 +166,20 @@ def render(cfg, turns, tokenizer):
     return data.render_prompt(turns, cfg.template, tokenizer, None if cfg.system == "default" else cfg.system)
 
 
-def load_agent(cfg, path):
-    """The model at `path`. Under torchrun with --parallel fsdp a full-weight checkpoint is loaded sharded
-    (train.load_sharded: no rank holds it whole) and every pass runs through its FSDP root; a LoRA checkpoint
-    loads its base whole on every rank, the adapters on top (sharding happens when it trains)."""
-    if cfg.parallel == "fsdp" and parallel.world_size() > 1 and lora.base_model_of(path) is None:
-        return load_sharded(str(path), cfg.device, cfg.trust_remote_code)
-    return load_model(str(path), cfg.device, cfg.trust_remote_code)
+def _sharded(cfg):
+    return cfg.parallel == "fsdp" and parallel.world_size() > 1
+
+
+def load_agent(cfg, path, new_lora=None):
+    """The model at `path` (new_lora: fresh adapters added, lora.add_lora's arguments). Under torchrun with
+    --parallel fsdp it is loaded sharded (train.load_sharded: no rank holds it whole, a LoRA checkpoint's base
+    included) and every pass runs through its FSDP root."""
+    if _sharded(cfg):
+        return load_sharded(str(path), cfg.device, cfg.trust_remote_code, new_lora)
+    model, tokenizer = load_model(str(path), cfg.device, cfg.trust_remote_code)
+    if new_lora:
+        lora.add_lora(model, *new_lora)
+    return model, tokenizer
 
 
 def _settings(cfg, name, **stage):
@@ -195,13 +202,10 @@ def _uses_lora(cfg, name):
 def _load_trainable(cfg, name, start):
     """The model at `start`, ready to train in stage `name`: adapters added when the agent uses LoRA and the
     checkpoint has none yet (a LoRA agent's later stages continue its adapters, as the release does). Adapters
-    go on a whole model, before train() shards it, so that FSDP shards them with their layers."""
-    lora_agent = _uses_lora(cfg, name)
-    model, tokenizer = (load_model(str(start), cfg.device, cfg.trust_remote_code) if lora_agent
-                        else load_agent(cfg, start))
-    if lora_agent and not lora.lora_modules(model):
-        lora.add_lora(model, tuple(cfg.lora_targets.split(",")), cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
-    return model, tokenizer
+    are added before any sharding, so that FSDP shards them with their layers."""
+    fresh = _uses_lora(cfg, name) and lora.base_model_of(start) is None
+    return load_agent(cfg, start, (tuple(cfg.lora_targets.split(",")), cfg.lora_rank, cfg.lora_alpha,
+                                   cfg.lora_dropout) if fresh else None)
 
 
 def _save(cfg, model, tokenizer, folder):

@@ -82,19 +82,20 @@ def save_model(model, tokenizer, directory):
     FSDP-sharded one is streamed to disk one weight at a time (save_sharded). The caller
     writes into a temporary stage folder and renames it when complete, so a kill never leaves a checkpoint that
     looks done."""
-    if is_sharded(model) and not lora.lora_modules(model):
-        save_sharded(model, directory)              # streamed: no rank holds the whole model at once
+    if lora.lora_modules(model):
+        # the adapters only (a few MB), each gathered whole when sharded: a collective every rank joins
+        tensors = {f"{name}.{kind}": (lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t)(getattr(m, kind))
+                   for name, m in lora.lora_modules(model) for kind in ("lora_A", "lora_B")}
         if parallel.is_main():
+            lora.save_adapters(model, directory, {"base_model": model.name_or_path}, tensors)
             tokenizer.save_pretrained(directory)
         return
-    state = full_state_dict(model)                  # a collective under FSDP: every rank takes part
-    if not parallel.is_main():
-        return
-    if lora.lora_modules(model):
-        lora.save_adapters(model, directory, {"base_model": model.name_or_path})
-    else:
-        model.save_pretrained(directory, state_dict=state)
-    tokenizer.save_pretrained(directory)
+    if is_sharded(model):
+        save_sharded(model, directory)              # streamed: no rank holds the whole model at once
+    elif parallel.is_main():
+        model.save_pretrained(directory)
+    if parallel.is_main():
+        tokenizer.save_pretrained(directory)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def full_state_dict(model):
 # whole model on any rank: a rank holds its 1/W of the weights plus, while saving, one whole weight and at most
 # one file's worth of them (rank 0).
 
-def load_sharded(name_or_path, device="cpu", trust_remote_code=False):
+def load_sharded(name_or_path, device="cpu", trust_remote_code=False, new_lora=None):
     """A causal LM from a local folder with safetensors weights (model.safetensors or model.safetensors.index.json),
     split across the torchrun ranks as it loads -> (model, tokenizer). Every decoder layer and then the root are
     fully_shard-ed (FSDP2), so each parameter is a DTensor whose dim 0 is cut across the ranks as torch.chunk cuts
@@ -165,9 +166,22 @@ def load_sharded(name_or_path, device="cpu", trust_remote_code=False):
     process it is load_model. dtype as load_model: bf16 on CUDA, float32 on CPU. Weights missing from the
     checkpoint, or checkpoint tensors the model has no place for, are an error (from_pretrained would initialise
     the first at random). Its forward passes go through its FSDP root (generate.scorer_for): generate,
-    perplexity, reference_logps and train() take it as they take any model."""
-    if parallel.world_size() == 1:
-        return load_model(name_or_path, device, trust_remote_code)     # one process: nothing to share out
+    perplexity, reference_logps and train() take it as they take any model.
+    LoRA: a LoRA checkpoint (adapter_config.json) loads its base sharded and its adapters into their shards;
+    new_lora = (targets, rank, alpha, dropout) adds fresh adapters (B = 0, so the model is its base). Either
+    way the adapters are added on the meta device, before sharding, so that FSDP shards them with their layers
+    and reduces their gradients; they stay float32 (lora.LoRALinear)."""
+    adapters = None
+    if lora.base_model_of(name_or_path) is not None:       # a LoRA checkpoint: its base, then its adapters
+        adapters = Path(name_or_path)
+        config = json.loads((adapters / lora.CONFIG_NAME).read_text())
+        name_or_path, new_lora = lora.base_model_of(adapters), (tuple(config["targets"]), config["rank"],
+                                                               config["alpha"], config["dropout"])
+    if parallel.world_size() == 1:                          # one process: nothing to share out
+        model, tokenizer = load_model(str(adapters or name_or_path), device, trust_remote_code)
+        if new_lora and not lora.lora_modules(model):
+            lora.add_lora(model, *new_lora)
+        return model, tokenizer
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     folder = Path(name_or_path)
@@ -184,15 +198,19 @@ def load_sharded(name_or_path, device="cpu", trust_remote_code=False):
     with torch.device("meta"):                         # shapes and dtypes only, no storage, no random init
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     model.to(parallel.dtype_for(device))                 # still on meta; buffers too, as load_model's .to(dtype)
+    if new_lora:
+        lora.add_lora(model, *new_lora)                  # on meta too; float32 adapters, filled below
     _shard(model)
     model.to_empty(device=device)                        # each rank's shards get (uninitialised) storage
     # Persistent entries (parameters and saved buffers) by tensor: a tied lm_head.weight is the same Parameter
     # as embed_tokens.weight, and a checkpoint holds it under either name or both.
     persistent = set(model.state_dict().keys())          # DTensors are not gathered by state_dict
-    names = {}
+    names, adapter_params = {}, {}
     for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        if name in persistent:
-            names.setdefault(id(t), (t, []))[1].append(name)
+        if name.endswith((".lora_A", ".lora_B")):
+            adapter_params[name] = t
+        elif name in persistent:                          # a LoRA-wrapped layer's weight: ".base." in the model only
+            names.setdefault(id(t), (t, []))[1].append(name.replace(".base.", "."))
     with contextlib.ExitStack() as stack:
         handles = [stack.enter_context(safe_open(folder / f, framework="pt", device="cpu")) for f in files]
         where = {key: h for h in handles for key in h.keys()}           # tensor name -> its open file (headers only)
@@ -223,6 +241,8 @@ def load_sharded(name_or_path, device="cpu", trust_remote_code=False):
                 assert local.shape[0] == stop - start, (key, local.shape, start, stop)
                 local.copy_(piece[start:stop])                          # reads only rows [start, stop), cast to
                                                                         # the model's dtype
+    if adapter_params:
+        _fill_adapters(adapter_params, adapters)
     # Buffers not in the checkpoint (persistent=False) were made on meta and are uninitialised now: Llama's
     # rotary inv_freq [head_dim / 2] and original_inv_freq. transformers' own initialiser recomputes them from the
     # config (what from_pretrained does for them in transformers 5); any other such buffer we would not know how
@@ -238,6 +258,31 @@ def load_sharded(name_or_path, device="cpu", trust_remote_code=False):
         model.generation_config = GenerationConfig.from_pretrained(folder)
     tokenizer = data.ensure_pad_token(AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
     return model.eval(), tokenizer
+
+
+def _fill_adapters(params, adapters):
+    """Each rank's rows of every LoRA adapter {name: DTensor}: from the adapter checkpoint folder `adapters`
+    (safetensors, keys "<module>.lora_A" / ".lora_B", as lora.save_adapters writes them), or, when None, fresh:
+    A as nn.Linear initialises it (kaiming-uniform, from a generator seeded the same on every rank, so every rank
+    cuts its rows from the same whole A), B = 0."""
+    from safetensors import safe_open
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(safe_open(adapters / lora.WEIGHTS_NAME, framework="pt", device="cpu")) if adapters else None
+        if f is not None and set(f.keys()) != set(params):
+            raise ModelLoadError(f"{adapters}: adapter keys {sorted(set(f.keys()) ^ set(params))[:4]} do not match the "
+                                 f"model's adapters")
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, t in params.items():
+                start, stop = parallel.chunk_bounds(t.shape[0], t.device_mesh.get_local_rank(), t.device_mesh.size())
+                if f is not None:
+                    rows = f.get_slice(name)[start:stop]
+                elif name.endswith(".lora_A"):
+                    whole = torch.empty(t.shape, dtype=torch.float32)
+                    rows = torch.nn.init.kaiming_uniform_(whole, a=math.sqrt(5), generator=generator)[start:stop]
+                else:
+                    rows = torch.zeros((stop - start, *t.shape[1:]))
+                t.to_local().copy_(rows)
 
 
 def save_sharded(model, directory, max_shard_bytes=5 * 2**30):

@@ -71,3 +71,22 @@ def test_two_process_toy_run_matches_one_process(tmp_path, mode):
         assert same >= 0.9 * len(ra), (f, same)
     assert json.loads((one / "results.json").read_text())["results"].keys() == \
         json.loads((two / "results.json").read_text())["results"].keys()
+
+
+def test_two_process_fsdp_lora_run_completes_every_stage(tmp_path):
+    """--parallel fsdp --lora all: every agent's base is loaded sharded with fresh adapters (their A drawn
+    differently from one process's, so only the run's shape is compared): the same finished stages as one
+    process, adapters written for every trained stage, and no stage left in progress."""
+    from test_macpo import SMOKE
+    flags = SMOKE + ["--n_teachers", "1", "--no-ceiling", "--lora", "all"]
+    subprocess.run([sys.executable, "macpo.py", *flags, "--out", str(tmp_path / "one")], cwd=ROOT, check=True,
+                   capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    torchrun("macpo.py", *flags, "--parallel", "fsdp", "--out", str(tmp_path / "two"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = sorted(str(p.relative_to(one)) for p in one.rglob("DONE"))
+    assert done == sorted(str(p.relative_to(two)) for p in two.rglob("DONE")) and not list(two.rglob("*.partial"))
+    for stage in ("init/teacher0", "init/student", "round1/student", "round1/teacher0"):
+        a, b = load_file(one / stage / "adapter_model.safetensors"), load_file(two / stage / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), stage
+    results = json.loads((two / "results.json").read_text())["results"]
+    assert list(results) == list(json.loads((one / "results.json").read_text())["results"]) == ["init", "round1"]

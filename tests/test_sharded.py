@@ -201,3 +201,41 @@ def test_peak_memory_per_rank(tmp_path):
     result = torchrun(str(tmp_path / "model"), str(tmp_path / "out"), "--rss", timeout=300)
     print("\n" + result.stdout.strip())
     assert (tmp_path / "out" / "saved" / "model.safetensors").is_file()
+
+
+def test_a_lora_checkpoint_loads_trains_and_saves_sharded(tmp_path):
+    """A LoRA checkpoint on a sharded base: adapters loaded into their shards (B nonzero, so they matter), the
+    logits equal one process's with adapters on and the base's with them off, two DPO steps continuing the
+    adapters give one process's losses, and the adapters saved from 2 processes load and equal them."""
+    import lora
+    tokenizer = make_tokenizer()
+    base = make_model(tokenizer, hidden=32, layers=2, seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    lora.add_lora(base, ("q_proj", "v_proj", "down_proj"), rank=4, alpha=8)
+    with torch.no_grad():
+        for _, m in lora.lora_modules(base):
+            m.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    lora.save_adapters(base, tmp_path / "adapters", {"base_model": str(tmp_path / "base")})
+    tokenizer.save_pretrained(tmp_path / "adapters")
+    worker = ROOT / "tests" / "helpers" / "sharded_lora_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, str(worker), str(tmp_path), str(tmp_path / "one")], cwd=ROOT, env=env,
+                   check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(worker), str(tmp_path), str(tmp_path / "two")], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    one, two = load_file(tmp_path / "one" / "logits.safetensors"), load_file(tmp_path / "two" / "logits.safetensors")
+    assert max_relative(two["on"], one["on"]) <= 1e-5 and max_relative(two["off"], one["off"]) <= 1e-5
+    assert not torch.allclose(one["on"], one["off"], atol=1e-3)        # the adapters change the logits
+    base_logits = make_model(tokenizer, hidden=32, layers=2, seed=0)(torch.randint(
+        3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))).logits.reshape(18, -1)
+    assert max_relative(one["off"], base_logits.detach()) <= 1e-5      # adapters off = the base model
+    r1, r2 = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("one", "two"))
+    assert len(r1["losses"]) == 2 and r2["losses"] == pytest.approx(r1["losses"], rel=1e-5)
+    assert r2["adapter_local"] / r2["adapter_total"] == pytest.approx(0.5, abs=0.1)
+    a, b = load_file(tmp_path / "one" / "saved" / "adapter_model.safetensors"), \
+        load_file(tmp_path / "two" / "saved" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() == load_file(tmp_path / "adapters" / "adapter_model.safetensors").keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
