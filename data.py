@@ -347,6 +347,13 @@ KNOWN_FILES = {
 HUB_ERRORS = (OSError, EntryNotFoundError, HTTPError)
 
 
+def atomic_write(path, write):
+    """write(tmp_path), then rename over `path`: a kill leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def _hub_file(name, subset, split):
     """-> (hub repository, file path inside it, the repository's folder name), the flags checked."""
     if name not in DATASETS:
@@ -592,13 +599,6 @@ def encode(tokenizer, prompt, response, max_length, max_prompt_length=None):
         prompt_ids = truncate_prompt(prompt_ids, max_prompt_length, tokenizer.bos_token_id)
         response_ids = response_ids[:max_length - len(prompt_ids)]
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
-
-
-def atomic_write(path, write):
-    """write(tmp_path), then rename over `path`: a kill leaves the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def pad_id(tokenizer):

@@ -94,29 +94,11 @@ def inference(fn):
     return run
 
 
-def _everyone(flag, sharded):
-    """A 0-dim bool tensor -> bool: on a sharded model, True only when it is True on every rank."""
-    if not sharded:
-        return bool(flag)
-    flag = flag.to(torch.int32).reshape(1)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def _reshard(scorer, sharded):
     """FSDP keeps the root's parameters (embeddings, final norm, head) gathered after a forward pass, expecting a
     backward; after inference, shard them again so that each rank holds its 1/W share only."""
     if sharded:
         scorer.reshard()
-
-
-def _padded_share(items, sharded):
-    """This rank's share of `items`; when the model is sharded, padded with None up to the largest share, so
-    that every rank runs as many batches (a None is run on a real batch and its results dropped)."""
-    mine = parallel.mine(items)
-    if not sharded:
-        return mine
-    return mine + [None] * (-(-len(items) // parallel.world_size()) - len(mine))
 
 
 def scored_logits(model, input_ids, attention_mask, loss_mask):
@@ -321,7 +303,7 @@ def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progres
     batches = length_sorted_batches(lengths, batch_size, 0.1)
     done = []
     # with several processes each rank scores its share of the batches; gather restores the input order
-    for idx in tqdm(_padded_share(batches, sharded), desc=desc, disable=not progress, leave=False):
+    for idx in tqdm(parallel.mine(batches, padded=sharded), desc=desc, disable=not progress, leave=False):
         padding, idx = idx is None, batches[0] if idx is None else idx
         batch = [rows[r] for r in idx]
         if pack:
@@ -386,7 +368,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top
     done = []
     batches = list(enumerate(length_sorted_batches([len(e) for e in encoded], batch_size)))
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress or not parallel.is_main(), leave=False)
-    for item in _padded_share(batches, sharded):
+    for item in parallel.mine(batches, padded=sharded):
         padding, (b, idx) = item is None, batches[0] if item is None else item
         generator = torch.Generator(device=device).manual_seed(seed + b)
         B, P = len(idx), max(len(encoded[i]) for i in idx)
@@ -409,7 +391,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top
             finished |= token == eos_id
             # checking `finished` on the host is a device sync: do it every 8 steps, not every step; sharded,
             # every rank decodes until every rank's batch is done (each step is a collective)
-            if t % 8 == 7 and _everyone(finished.all(), sharded):
+            if t % 8 == 7 and (parallel.all_true(finished.all()) if sharded else bool(finished.all())):
                 break
             step_ids = token[:, None]                                                   # [B, 1]
             attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=1)

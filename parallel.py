@@ -52,9 +52,12 @@ def barrier():
         dist.barrier()
 
 
-def mine(items):
-    """This rank's share of a list, round-robin: rank r takes items r, r + W, r + 2W, ..."""
-    return items[rank()::world_size()]
+def mine(items, padded=False):
+    """This rank's share of a list, round-robin: rank r takes items r, r + W, r + 2W, ... padded: with None
+    appended up to the largest share, so that every rank gets as many (work on a sharded model is a collective:
+    every rank must run as many passes; a None is padding work whose results are dropped)."""
+    share = items[rank()::world_size()]
+    return share + [None] * (-(-len(items) // world_size()) - len(share)) if padded else share
 
 
 def chunk_bounds(n, part, parts):
@@ -73,6 +76,15 @@ def gather(pairs):
     everyone = [None] * world_size()
     dist.all_gather_object(everyone, pairs)
     return sorted((p for part in everyone for p in part), key=lambda p: p[0])
+
+
+def all_true(flag):
+    """A 0-dim bool tensor -> bool, True only when it is True on every rank (a collective)."""
+    if world_size() == 1:
+        return bool(flag)
+    flag = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def mean(values):

@@ -174,12 +174,8 @@ def load_agent(cfg, path, new_lora=None):
     """The model at `path` (new_lora: fresh adapters added, lora.add_lora's arguments). Under torchrun with
     --parallel fsdp it is loaded sharded (train.load_sharded: no rank holds it whole, a LoRA checkpoint's base
     included) and every pass runs through its FSDP root."""
-    if _sharded(cfg):
-        return load_sharded(str(path), cfg.device, cfg.trust_remote_code, new_lora)
-    model, tokenizer = load_model(str(path), cfg.device, cfg.trust_remote_code)
-    if new_lora:
-        lora.add_lora(model, *new_lora)
-    return model, tokenizer
+    load = load_sharded if _sharded(cfg) else load_model
+    return load(str(path), cfg.device, cfg.trust_remote_code, new_lora)
 
 
 def _settings(cfg, name, **stage):
@@ -473,14 +469,9 @@ def load_task(cfg):
     if cfg.task == "file":
         return data.paper_splits(data.read_any(cfg.data_file, order=cfg.pku_order), cfg.n_init, cfg.n_w2s,
                                  cfg.n_test, cfg.seed)
-    files, missing = {}, []
-    for name, subset, split in dataset_requests(cfg):                # every file the run needs, named at once
-        try:
-            files[split] = data.dataset_file(name, subset, split, cfg.data_dir or None, cfg.cache_dir or None)
-        except data.DataError as e:
-            missing.append(str(e))
-    if missing:
-        raise data.DataError("\n".join(missing))
+    # what is missing was named, all at once, before any training (macpo.initialise: data.missing_dataset_files)
+    files = {split: data.dataset_file(name, subset, split, cfg.data_dir or None, cfg.cache_dir or None)
+             for name, subset, split in dataset_requests(cfg)}
     read = (lambda f: data.read_pku(f, cfg.pku_order)) if cfg.task == "pku" else data.read_hh
     if cfg.train_split == "test":
         return data.paper_splits(read(files["test"]), cfg.n_init, cfg.n_w2s, cfg.n_test, cfg.seed)

@@ -31,10 +31,12 @@ class NonFiniteError(RuntimeError):
     """A NaN or infinite loss or gradient norm: the stage stops, its checkpoint is not written."""
 
 
-def load_model(name_or_path, device="cpu", trust_remote_code=False):
+def load_model(name_or_path, device="cpu", trust_remote_code=False, new_lora=None):
     """Any causal LM through the Auto classes, from a local folder or the hub. bf16 on CUDA, float32 on CPU
     (this CPU runs bf16 matrix products 10-100x slower than fp32). Only safetensors / weights-only loading:
-    transformers refuses pickled weights unless asked, and trust_remote_code stays off unless the user says so."""
+    transformers refuses pickled weights unless asked, and trust_remote_code stays off unless the user says so.
+    new_lora = (targets, rank, alpha, dropout): fresh adapters added (lora.add_lora), to a full-weight checkpoint
+    only (a LoRA checkpoint brings its own)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     base = lora.base_model_of(name_or_path)
     if base is not None:
@@ -51,7 +53,10 @@ def load_model(name_or_path, device="cpu", trust_remote_code=False):
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, e) from None
     data.ensure_pad_token(tokenizer)
-    return model.to(device=device, dtype=parallel.dtype_for(device)), tokenizer
+    model = model.to(device=device, dtype=parallel.dtype_for(device))
+    if new_lora:                                # after the cast: adapters stay float32 (lora.LoRALinear)
+        lora.add_lora(model, *new_lora)
+    return model, tokenizer
 
 
 def _load_error(name_or_path, e):
@@ -178,10 +183,7 @@ def load_sharded(name_or_path, device="cpu", trust_remote_code=False, new_lora=N
         name_or_path, new_lora = lora.base_model_of(adapters), (tuple(config["targets"]), config["rank"],
                                                                config["alpha"], config["dropout"])
     if parallel.world_size() == 1:                          # one process: nothing to share out
-        model, tokenizer = load_model(str(adapters or name_or_path), device, trust_remote_code)
-        if new_lora and not lora.lora_modules(model):
-            lora.add_lora(model, *new_lora)
-        return model, tokenizer
+        return load_model(str(adapters or name_or_path), device, trust_remote_code, None if adapters else new_lora)
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     folder = Path(name_or_path)
