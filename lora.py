@@ -19,6 +19,7 @@ Needs torch and safetensors only; imports nothing from the project.
 import json
 import math
 import os
+import zlib
 from contextlib import contextmanager
 
 import torch
@@ -36,7 +37,7 @@ class LoRALinear(nn.Module):
     """A frozen nn.Linear `base` plus a trainable low-rank update scaling * B @ A; `enabled = False` gives
     exactly the base layer's output."""
 
-    def __init__(self, base, rank=8, alpha=16, dropout=0.0):
+    def __init__(self, base, rank=8, alpha=16, dropout=0.0, seed=0, name=""):
         super().__init__()
         self.base = base
         self.rank, self.alpha = rank, alpha
@@ -48,9 +49,12 @@ class LoRALinear(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
-        # A: random, as nn.Linear's own init (kaiming-uniform, a = sqrt(5)), the reference loralib's choice;
-        # B: zeros, so B A = 0 and training starts from the base model exactly (LoRA paper, section 4.1).
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        # A: random (initial_A, from `seed` and the module's `name`); B: zeros, so B A = 0 and training starts
+        # from the base model exactly (LoRA paper, section 4.1). On the meta device (train.load_sharded) there
+        # is no storage yet: each rank later writes its rows of the same initial_A.
+        if device.type != "meta":
+            with torch.no_grad():
+                self.lora_A.copy_(initial_A(seed, name, rank, base.in_features))
 
     def forward(self, x):                                      # x: [..., in]
         y = self.base(x)                                       # [..., out]
@@ -59,6 +63,17 @@ class LoRALinear(nn.Module):
         h = self.dropout(x).to(self.lora_A.dtype)
         # y + (alpha / r) * x A^T B^T, computed in float32 and added back in the base's dtype
         return y + (self.scaling * F.linear(F.linear(h, self.lora_A), self.lora_B)).to(y.dtype)
+
+
+def initial_A(seed, name, rank, in_features):
+    """A's starting value [rank, in_features] for the adapter on module `name`: kaiming-uniform (a = sqrt(5)),
+    nn.Linear's own init and the reference loralib's choice, drawn from a generator seeded by (seed, name) rather
+    than from torch's global one. So a stage's adapters start the same in every process, whatever ran before it
+    there, and a sharded model (each rank cuts its rows from this tensor) starts where one process does. With
+    the global generator two runs of one command started from different adapters: the toy's naive student
+    moved by up to 0.12 between them."""
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+    return nn.init.kaiming_uniform_(torch.empty(rank, in_features), a=math.sqrt(5), generator=generator)
 
 
 def lora_modules(model):
@@ -72,9 +87,10 @@ def _replace(model, name, new):
     setattr(model.get_submodule(parent_name), child, new)
 
 
-def add_lora(model, targets=("q_proj", "v_proj"), rank=8, alpha=16, dropout=0.0):
+def add_lora(model, targets=("q_proj", "v_proj"), rank=8, alpha=16, dropout=0.0, seed=0):
     """Wrap every nn.Linear whose last name component is in `targets` ("model.layers.3.self_attn.q_proj"
-    matches "q_proj"; "dq_proj" does not) in a LoRALinear, and freeze every other parameter.
+    matches "q_proj"; "dq_proj" does not) in a LoRALinear, and freeze every other parameter. `seed` decides the
+    adapters' starting A (initial_A): the same seed gives the same adapters in any process.
     Returns the wrapped module names. Fails before touching the model when nothing matches."""
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters; merge_adapters first or load onto a fresh model")
@@ -96,7 +112,7 @@ def add_lora(model, targets=("q_proj", "v_proj"), rank=8, alpha=16, dropout=0.0)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:                          # new parameters: requires_grad True, the only trainable ones
-        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
+        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, seed, name))
     return names
 
 

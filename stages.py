@@ -195,13 +195,14 @@ def _uses_lora(cfg, name):
     return cfg.lora == "all" or (cfg.lora != "none" and agent.startswith(cfg.lora.rstrip("s")))
 
 
-def _load_trainable(cfg, name, start):
+def _load_trainable(cfg, run, name, start):
     """The model at `start`, ready to train in stage `name`: adapters added when the agent uses LoRA and the
-    checkpoint has none yet (a LoRA agent's later stages continue its adapters, as the release does). Adapters
-    are added before any sharding, so that FSDP shards them with their layers."""
+    checkpoint has none yet (a LoRA agent's later stages continue its adapters, as the release does), starting
+    from the stage's own seed (the same adapters in every process that runs this stage). Adapters are added
+    before any sharding, so that FSDP shards them with their layers."""
     fresh = _uses_lora(cfg, name) and lora.base_model_of(start) is None
     return load_agent(cfg, start, (tuple(cfg.lora_targets.split(",")), cfg.lora_rank, cfg.lora_alpha,
-                                   cfg.lora_dropout) if fresh else None)
+                                   cfg.lora_dropout, run.seed(name)) if fresh else None)
 
 
 def _save(cfg, model, tokenizer, folder):
@@ -215,7 +216,7 @@ def sft_stage(cfg, run, name, start, rows, epochs, kind="sft", lr=None):
     -> checkpoint folder. kind="confident": with Burns et al.'s auxiliary confidence loss instead (the
     confident baseline)."""
     def build(folder):
-        model, tokenizer = _load_trainable(cfg, name, start)
+        model, tokenizer = _load_trainable(cfg, run, name, start)
         rendered = [(render(cfg, turns, tokenizer), chosen, None) for turns, chosen, _ in rows]
         with _log_file(folder) as log:
             train(model, tokenizer, rendered, _settings(cfg, name, kind=kind, epochs=epochs, lr=lr or cfg.sft_lr,
@@ -239,7 +240,7 @@ def dpo_stage(cfg, run, name, start, reference, rows):
             {"i": i, "prompt": turns[i], "chosen": chosen[i], "rejected": rejected[i], "trained": trained[i],
              "chosen_score": chosen_scores[i], "rejected_score": rejected_scores[i]} for i in range(len(rows))])
         pairs = [row for row, keep in zip(rows, trained) if keep]
-        model, tokenizer = _load_trainable(cfg, name, start)
+        model, tokenizer = _load_trainable(cfg, run, name, start)
         if not pairs:                       # nothing to learn from: the agent goes on unchanged
             print(f"{name}: no pair to train on ({len(rows)} given, every one identical; --identical_pairs drop)",
                   file=sys.stderr)

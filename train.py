@@ -35,8 +35,8 @@ def load_model(name_or_path, device="cpu", trust_remote_code=False, new_lora=Non
     """Any causal LM through the Auto classes, from a local folder or the hub. bf16 on CUDA, float32 on CPU
     (this CPU runs bf16 matrix products 10-100x slower than fp32). Only safetensors / weights-only loading:
     transformers refuses pickled weights unless asked, and trust_remote_code stays off unless the user says so.
-    new_lora = (targets, rank, alpha, dropout): fresh adapters added (lora.add_lora), to a full-weight checkpoint
-    only (a LoRA checkpoint brings its own)."""
+    new_lora = (targets, rank, alpha, dropout, seed): fresh adapters added (lora.add_lora), to a full-weight
+    checkpoint only (a LoRA checkpoint brings its own)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     base = lora.base_model_of(name_or_path)
     if base is not None:
@@ -173,7 +173,8 @@ def load_sharded(name_or_path, device="cpu", trust_remote_code=False, new_lora=N
     the first at random). Its forward passes go through its FSDP root (generate.scorer_for): generate,
     perplexity, reference_logps and train() take it as they take any model.
     LoRA: a LoRA checkpoint (adapter_config.json) loads its base sharded and its adapters into their shards;
-    new_lora = (targets, rank, alpha, dropout) adds fresh adapters (B = 0, so the model is its base). Either
+    new_lora = (targets, rank, alpha, dropout, seed) adds fresh adapters (B = 0, so the model is its base; A is
+    lora.initial_A, the very values one process starts from). Either
     way the adapters are added on the meta device, before sharding, so that FSDP shards them with their layers
     and reduces their gradients; they stay float32 (lora.LoRALinear)."""
     adapters = None
@@ -181,7 +182,7 @@ def load_sharded(name_or_path, device="cpu", trust_remote_code=False, new_lora=N
         adapters = Path(name_or_path)
         config = json.loads((adapters / lora.CONFIG_NAME).read_text())
         name_or_path, new_lora = lora.base_model_of(adapters), (tuple(config["targets"]), config["rank"],
-                                                               config["alpha"], config["dropout"])
+                                                               config["alpha"], config["dropout"], 0)
     if parallel.world_size() == 1:                          # one process: nothing to share out
         return load_model(str(adapters or name_or_path), device, trust_remote_code, None if adapters else new_lora)
     from safetensors import safe_open
@@ -244,7 +245,7 @@ def load_sharded(name_or_path, device="cpu", trust_remote_code=False, new_lora=N
                 local.copy_(piece[start:stop])                          # reads only rows [start, stop), cast to
                                                                         # the model's dtype
     if adapter_params:
-        _fill_adapters(adapter_params, adapters)
+        _fill_adapters(adapter_params, adapters, new_lora[4])
     # Buffers not in the checkpoint (persistent=False) were made on meta and are uninitialised now: Llama's
     # rotary inv_freq [head_dim / 2] and original_inv_freq. transformers' own initialiser recomputes them from the
     # config (what from_pretrained does for them in transformers 5); any other such buffer we would not know how
@@ -262,26 +263,23 @@ def load_sharded(name_or_path, device="cpu", trust_remote_code=False, new_lora=N
     return model.eval(), tokenizer
 
 
-def _fill_adapters(params, adapters):
+def _fill_adapters(params, adapters, seed):
     """Each rank's rows of every LoRA adapter {name: DTensor}: from the adapter checkpoint folder `adapters`
     (safetensors, keys "<module>.lora_A" / ".lora_B", as lora.save_adapters writes them), or, when None, fresh:
-    A as nn.Linear initialises it (kaiming-uniform, from a generator seeded the same on every rank, so every rank
-    cuts its rows from the same whole A), B = 0."""
+    A = lora.initial_A(seed, module name), the same whole A on every rank and in one process, B = 0."""
     from safetensors import safe_open
     with contextlib.ExitStack() as stack:
         f = stack.enter_context(safe_open(adapters / lora.WEIGHTS_NAME, framework="pt", device="cpu")) if adapters else None
         if f is not None and set(f.keys()) != set(params):
             raise ModelLoadError(f"{adapters}: adapter keys {sorted(set(f.keys()) ^ set(params))[:4]} do not match the "
                                  f"model's adapters")
-        generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for name, t in params.items():
                 start, stop = parallel.chunk_bounds(t.shape[0], t.device_mesh.get_local_rank(), t.device_mesh.size())
                 if f is not None:
                     rows = f.get_slice(name)[start:stop]
                 elif name.endswith(".lora_A"):
-                    whole = torch.empty(t.shape, dtype=torch.float32)
-                    rows = torch.nn.init.kaiming_uniform_(whole, a=math.sqrt(5), generator=generator)[start:stop]
+                    rows = lora.initial_A(seed, name.removesuffix(".lora_A"), *t.shape)[start:stop]
                 else:
                     rows = torch.zeros((stop - start, *t.shape[1:]))
                 t.to_local().copy_(rows)
@@ -460,6 +458,7 @@ def train(model, tokenizer, rows, settings, reference=None, log_file=None):
         reference_chosen, reference_rejected = (r.to(device) for r in reference)
     lengths = [len(c[0]) + (len(rejected[i][0]) if rejected else 0) for i, c in enumerate(chosen)]
     generator = torch.Generator().manual_seed(s.seed)
+    torch.manual_seed(s.seed)                    # dropout draws from the global generator: the same per stage too
     batches = [b for _ in range(s.epochs) for b in _bucketed_batches(lengths, s.batch_size, generator, s.length_window)]
     total_steps = max(1, math.ceil(len(batches) / s.grad_accum))
     warmup = int(s.warmup_ratio * total_steps)

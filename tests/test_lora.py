@@ -48,6 +48,27 @@ def test_zero_B_gives_the_base_model_exactly(input_ids):
     assert torch.equal(logits(model, input_ids), base_logits)
 
 
+def test_fresh_adapters_depend_on_their_seed_only():
+    """The same seed gives the same starting A whatever torch's global generator did before (two runs of one
+    stage start alike); another seed gives another A. A is kaiming-uniform: bound 1 / sqrt(in_features) for
+    a = sqrt(5), so a uniform on [-bound, bound] with variance bound^2 / 3."""
+    def fresh_A(seed, global_seed):
+        model = tiny_model()
+        torch.manual_seed(global_seed)
+        add_lora(model, seed=seed)
+        return {name: m.lora_A.detach().clone() for name, m in lora_modules(model)}
+    a, b, c = fresh_A(3, 100), fresh_A(3, 200), fresh_A(4, 100)
+    assert a.keys() == b.keys() == c.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]) and not torch.allclose(a[name], c[name])
+    first = a["model.layers.0.self_attn.q_proj"]                      # [8, 32]
+    assert not torch.allclose(first, a["model.layers.0.self_attn.v_proj"])   # each module its own draw
+    bound = 1 / 32 ** 0.5
+    values = torch.cat([t.flatten() for t in a.values()])             # 4 modules x 256 values
+    assert values.abs().max() <= bound and values.abs().max() > 0.9 * bound
+    assert values.var().item() == pytest.approx(bound ** 2 / 3, rel=0.15)
+
+
 def test_lora_linear_matches_the_formula():
     torch.manual_seed(0)
     base = nn.Linear(8, 6, bias=True)

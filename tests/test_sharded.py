@@ -206,7 +206,9 @@ def test_peak_memory_per_rank(tmp_path):
 def test_a_lora_checkpoint_loads_trains_and_saves_sharded(tmp_path):
     """A LoRA checkpoint on a sharded base: adapters loaded into their shards (B nonzero, so they matter), the
     logits equal one process's with adapters on and the base's with them off, two DPO steps continuing the
-    adapters give one process's losses, and the adapters saved from 2 processes load and equal them."""
+    adapters give one process's losses, and the adapters saved from 2 processes load and equal them. Fresh
+    adapters added while loading sharded start where one process's do (rows cut on each rank from the same A,
+    against LoRALinear's own initialisation), and differ from the base checkpoint's seed-0 ones."""
     import lora
     tokenizer = make_tokenizer()
     base = make_model(tokenizer, hidden=32, layers=2, seed=0)
@@ -239,3 +241,12 @@ def test_a_lora_checkpoint_loads_trains_and_saves_sharded(tmp_path):
     assert a.keys() == b.keys() == load_file(tmp_path / "adapters" / "adapter_model.safetensors").keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+    fresh1, fresh2 = (load_file(tmp_path / d / "fresh" / "adapter_model.safetensors") for d in ("one", "two"))
+    assert fresh1.keys() == fresh2.keys() == a.keys()
+    for k in fresh1:
+        assert torch.equal(fresh1[k], fresh2[k]), k
+        if k.endswith("lora_B"):
+            assert not fresh1[k].any(), k                                   # B = 0: the model starts as its base
+    seed0 = load_file(tmp_path / "adapters" / "adapter_model.safetensors")
+    assert not torch.equal(fresh1["model.layers.0.self_attn.q_proj.lora_A"],
+                           seed0["model.layers.0.self_attn.q_proj.lora_A"])  # seed 7 is not seed 0

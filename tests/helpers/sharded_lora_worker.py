@@ -1,6 +1,7 @@
 """Not a test: run by tests/test_sharded.py, once as a plain process and once under torchrun (2 processes): a
 LoRA checkpoint (MODEL/adapters, on MODEL/base) loaded with train.load_sharded, its logits with adapters on and
-off, two DPO + SFT steps continuing the adapters, and the adapters saved back (train.save_model)."""
+off, two DPO + SFT steps continuing the adapters, and the adapters saved back (train.save_model); then fresh
+adapters (seed 7) added to MODEL/base as it loads, saved untrained to OUT/fresh."""
 import json
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ reference = reference_logps(model, tokenizer, pairs, batch_size=4, max_length=32
 log = train(model, tokenizer, pairs, TrainSettings(kind="dpo", lr=1e-2, batch_size=4, max_length=32, log_every=1,
                                                    progress=False, parallel_mode="fsdp"), reference=reference)
 save_model(model, tokenizer, out / "saved")
+fresh, _ = load_sharded(models / "base", "cpu", new_lora=(("q_proj", "v_proj", "down_proj"), 4, 8, 0.0, 7))
+save_model(fresh, tokenizer, out / "fresh")
 local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in lora.lora_parameters(model))
 if parallel.is_main():
     save_file({"on": on.contiguous(), "off": off.contiguous()}, out / "logits.safetensors")
