@@ -270,6 +270,23 @@ def test_lora_run_trains_only_adapters_and_merges(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
+def test_a_lora_run_is_a_function_of_its_flags(tmp_path):
+    """Two --lora all runs of one command, with torch's global generator left in different states before each,
+    write the same adapters, generations and pairs byte for byte: fresh adapters start from the stage's seed
+    (lora.initial_A), not from whatever the process drew before. (The global generator once decided them, and
+    two runs of `bash run.sh toy` were two different runs.)"""
+    def run(name, global_seed):
+        torch.manual_seed(global_seed)
+        torch.rand(global_seed)                                        # a different global state each time
+        out = tmp_path / name
+        macpo.main(SMOKE + ["--out", str(out), "--n_teachers", "1", "--lora", "all", "--no-ceiling"])
+        return {k: v for k, v in snapshot(out).items() if k.endswith((".safetensors", ".jsonl"))}
+    a, b = run("a", 1), run("b", 2)
+    assert any(k.endswith("adapter_model.safetensors") for k in a) and any("generations" in k for k in a), list(a)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
 def test_toy_bases_are_cached_by_recipe_and_shared_across_seeds(tmp_path):
     """Pre-trained once into OUT/../toy_bases/NAME-HASH; a second run (another seed too) copies them; a changed
     recipe adds a base; --toy_rebuild_bases trains again."""
