@@ -108,6 +108,11 @@ class Config:
     temperature: float = 0.7            # sampling for training data (teacher, student, negative generations);
     top_p: float = 0.9                  #   the release's generation settings are not known
     eval_temperature: float = 0.0       # test generations: 0 = greedy, so evaluation is exact and repeatable
+    negative_temperature: float = -1.0  # the negative twins' generations (hard negatives, and the weak twin's
+                                        # answers the student's twin learns from); -1: --temperature. Not in the
+                                        # paper. Toy: 0, the twin's most familiar answer (measured: sampled at 0.3,
+                                        # teacher0's twin was well formed on 59% of Q_w2s, greedy on 97%, and the
+                                        # student's twin, trained on those samples, copied their malformed forms)
     gen_batch_size: int = 32
     score_batch_size: int = 32          # perplexity and reference log-prob batches
     # the toy task (task=toy): tiny Llamas whose bases are pre-trained here, each on its own share of the
@@ -223,6 +228,12 @@ def validate(cfg):
     for name in ("sft_lr", "dpo_lr", "toy_pretrain_lr"):
         if not 0 < getattr(cfg, name) < float("inf"):        # argparse takes "nan" and "inf" as floats
             p.append(f"--{name} must be a positive finite number, got {getattr(cfg, name)}")
+    for name in ("temperature", "eval_temperature"):
+        if not 0 <= getattr(cfg, name) < float("inf"):
+            p.append(f"--{name} must be 0 (greedy) or a positive finite number, got {getattr(cfg, name)}")
+    if not (cfg.negative_temperature == -1 or 0 <= cfg.negative_temperature < float("inf")):
+        p.append(f"--negative_temperature must be -1 (= --temperature), 0 (greedy) or a positive finite number, "
+                 f"got {cfg.negative_temperature}")
     if cfg.beta <= 0 or cfg.sft_weight < 0 or not 0 <= cfg.label_smoothing < 0.5:
         p.append("--beta must be > 0, --sft_weight >= 0, --label_smoothing in [0, 0.5)")
     return p
@@ -297,11 +308,13 @@ def initialise(cfg, run):
     weak_labels = generate_stage(cfg, run, "init/weak_labels", pos[weak], Q)
     pos["student"] = sft_stage(cfg, run, "init/student", bases["student"], [(q, y, None) for q, y in zip(Q, weak_labels)],
                                cfg.student_sft_epochs)
-    weak_negatives = generate_stage(cfg, run, "init/weak_negatives", neg[weak], Q)
+    negative_temperature = None if cfg.negative_temperature < 0 else cfg.negative_temperature
+    weak_negatives = generate_stage(cfg, run, "init/weak_negatives", neg[weak], Q, negative_temperature)
     neg["student"] = sft_stage(cfg, run, "init/student_neg", pos["student"],
                                [(q, y, None) for q, y in zip(Q, weak_negatives)], cfg.neg_sft_epochs, lr=cfg.neg_sft_lr)
     # Hard negative behaviour: each twin answers Q_w2s once; the release reuses these every round.
-    negatives = {a: generate_stage(cfg, run, f"init/negatives_{a}", neg[a], Q) for a in ["student"] + names}
+    negatives = {a: generate_stage(cfg, run, f"init/negatives_{a}", neg[a], Q, negative_temperature)
+                 for a in ["student"] + names}
     evals = {a: evaluate_stage(cfg, run, f"eval/init/{a}", pos[a], test) for a in names + ["student"]}
     return Setup(w2s, test, Q, names, pos, bases, weak_labels, negatives, evals)
 

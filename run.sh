@@ -46,13 +46,15 @@ REAL="--max_length 1024 --max_prompt_length 512 --max_new_tokens 256 --batch_siz
 # comply) within any SFT budget tried, so the twins kept refusing. Teacher SFT is gentle (2 epochs, 3e-4) so a
 # teacher keeps its own operation; the student SFTs 3 epochs on its weak labels, as the release does (at 5 it
 # imitates them: naive student 0.47, no better than its supervisor); the twins need many epochs at a higher
-# rate (32 at 3e-3) to turn refusals into compliance and answers into near misses.
+# rate (32 at 3e-3) to turn refusals into compliance and answers into near misses; the twins answer greedily
+# (--negative_temperature 0): sampled at 0.3 a teacher's twin was well formed on 59% of Q_w2s (97% greedy), and
+# the student's twin, which learns from the weak teacher's twin's answers, copied the malformed ones.
 TOY="--task toy --n_teachers 3 --toy_teacher_ops +,-,* --toy_teacher_sizes 64x2,64x2,64x2
      --toy_teacher_pretrain_steps 1200,1200,1200 --toy_student_size 80x2 --toy_student_pretrain_steps 1500
      --toy_pretrain_batch_size 64 --toy_student_pretrain_batch_size 192 --toy_pretrain_lr 3e-3
      --template vicuna --system= --max_length 64 --max_prompt_length 32 --max_new_tokens 16
      --batch_size 64 --score_batch_size 256 --gen_batch_size 256 --teacher_sft_epochs 2 --student_sft_epochs 3
-     --neg_sft_epochs 32 --neg_sft_lr 3e-3 --length_window 1 --sft_lr 3e-4 --dpo_lr 2e-4 --warmup_ratio 0.05
+     --neg_sft_epochs 32 --neg_sft_lr 3e-3 --negative_temperature 0 --length_window 1 --sft_lr 3e-4 --dpo_lr 2e-4 --warmup_ratio 0.05
      --lora all --lora_targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --temperature 0.3 --top_p 1.0"
 case "$preset" in
   toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, about 8 minutes on 2 cores

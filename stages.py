@@ -264,12 +264,14 @@ def dpo_stage(cfg, run, name, start, reference, rows):
     return run.stage(name, build)
 
 
-def generate_stage(cfg, run, name, agent, prompts, greedy=False):
-    """One response per prompt from the model at `agent` -> list of strings (saved as generations.jsonl)."""
+def generate_stage(cfg, run, name, agent, prompts, temperature=None):
+    """One response per prompt from the model at `agent`, sampled at `temperature` (default --temperature;
+    0 = greedy) -> list of strings (saved as generations.jsonl)."""
     def build(folder):
         model, tokenizer = load_agent(cfg, agent)
         texts = generate(model, tokenizer, [render(cfg, turns, tokenizer) for turns in prompts],
-                         max_new_tokens=cfg.max_new_tokens, temperature=0.0 if greedy else cfg.temperature,
+                         max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature if temperature is None else temperature,
                          top_p=cfg.top_p, batch_size=cfg.gen_batch_size, seed=run.seed(name),
                          max_prompt_length=cfg.max_prompt_length, desc=name)
         write_jsonl(folder / "generations.jsonl", [{"i": i, "agent": run.name(agent), "prompt": turns, "response": text}
@@ -319,7 +321,7 @@ def evaluate_stage(cfg, run, name, agent, test):
     `python macpo.py eval` / the table)."""
     if not cfg.evaluate or not test:
         return None
-    generate_stage(cfg, run, name, agent, [ex.prompt for ex in test], greedy=cfg.eval_temperature == 0)
+    generate_stage(cfg, run, name, agent, [ex.prompt for ex in test], cfg.eval_temperature)
     return name
 
 

@@ -287,6 +287,30 @@ def test_a_lora_run_is_a_function_of_its_flags(tmp_path):
     assert [k for k in a if a[k] != b[k]] == []
 
 
+def test_negative_temperature_0_gives_each_twins_greedy_answers(tmp_path):
+    """--negative_temperature 0: the hard negatives (init/negatives_teacher0) and the weak twin's answers the
+    student's twin learns from (init/weak_negatives, the weak teacher being teacher0) are the twin's greedy
+    answers, recomputed here one prompt at a time with transformers' own generate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from data import render_prompt
+    out = tmp_path / "greedy"
+    macpo.main(SMOKE + ["--out", str(out), "--n_teachers", "1", "--rounds", "1", "--no-ceiling",
+                        "--negative_temperature", "0"])
+    twin = AutoModelForCausalLM.from_pretrained(out / "init" / "teacher0_neg").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "init" / "teacher0_neg")
+    for stage in ("negatives_teacher0", "weak_negatives"):
+        rows = [json.loads(line) for line in (out / "init" / stage / "generations.jsonl").read_text().splitlines()]
+        assert len(rows) == 32
+        for row in rows[:6]:
+            ids = torch.tensor([tokenizer(render_prompt(row["prompt"], "vicuna", None, ""))["input_ids"]])
+            with torch.no_grad():
+                new = twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+            if tokenizer.eos_token_id in new:
+                new = new[:new.index(tokenizer.eos_token_id)]
+            assert row["response"] == tokenizer.decode(new, skip_special_tokens=True).strip(), (stage, row)
+
+
 def test_toy_bases_are_cached_by_recipe_and_shared_across_seeds(tmp_path):
     """Pre-trained once into OUT/../toy_bases/NAME-HASH; a second run (another seed too) copies them; a changed
     recipe adds a base; --toy_rebuild_bases trains again."""

@@ -217,6 +217,8 @@ def stage_folders(out):
     (["--neg_sft_lr", "-1"], "--neg_sft_lr"),
     (["--length_window", "0"], "--length_window"),
     (["--toy_teacher_ops", "+,/"], "--toy_teacher_ops"),
+    (["--negative_temperature", "-0.5"], "--negative_temperature"),
+    (["--temperature", "-1"], "--temperature"),
 ])
 def test_incompatible_flags_are_refused_naming_the_flag(tmp_path, capsys, flags, named):
     with pytest.raises(SystemExit) as e:
