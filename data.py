@@ -587,18 +587,30 @@ def encode(tokenizer, prompt, response, max_length, max_prompt_length=None):
     max_length // 2, the BOS kept in front), then cut the response's tail; a cut response loses its EOS too,
     so the model is never taught to stop mid-sentence.
     """
+    return encode_many(tokenizer, [prompt], [response], max_length, max_prompt_length)[0]
+
+
+def encode_many(tokenizer, prompts, responses, max_length, max_prompt_length=None):
+    """encode() for many pairs at once -> [(input_ids, loss_mask)], in order. One tokenizer call per side:
+    the same ids as one call per text, without the per-call overhead (288,000 pre-training rows: 27 s one at
+    a time)."""
     max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
     # A prompt allowed to fill max_length would leave no room for the response (and made the cut below a
     # negative slice that kept tokens instead of dropping them).
     if not 0 < max_prompt_length < max_length:
         raise DataError(f"--max_prompt_length ({max_prompt_length}) must be between 1 and --max_length "
                         f"({max_length}) - 1, so that some of the response fits")
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(prompt_ids) + len(response_ids) > max_length:
-        prompt_ids = truncate_prompt(prompt_ids, max_prompt_length, tokenizer.bos_token_id)
-        response_ids = response_ids[:max_length - len(prompt_ids)]
-    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+    if not prompts:
+        return []
+    encoded = []
+    for prompt_ids, response_ids in zip(tokenizer(list(prompts))["input_ids"],
+                                        tokenizer(list(responses), add_special_tokens=False)["input_ids"]):
+        response_ids = response_ids + [tokenizer.eos_token_id]
+        if len(prompt_ids) + len(response_ids) > max_length:
+            prompt_ids = truncate_prompt(prompt_ids, max_prompt_length, tokenizer.bos_token_id)
+            response_ids = response_ids[:max_length - len(prompt_ids)]
+        encoded.append((prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)))
+    return encoded
 
 
 def pad_id(tokenizer):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 import data
 import parallel
-from data import collate, encode, truncate_prompt
+from data import collate, encode_many, truncate_prompt
 from losses import token_logps
 
 
@@ -329,7 +329,7 @@ def perplexity(model, tokenizer, prompts, responses, batch_size=32, max_length=1
     The response's tokens are the ones data.encode puts in the loss mask (response + EOS). The responses to one
     prompt are scored against one pass of it (packed_logps)."""
     assert len(prompts) == len(responses)
-    encoded = [encode(tokenizer, p, r, max_length, max_prompt_length) for p, r in zip(prompts, responses)]
+    encoded = encode_many(tokenizer, prompts, responses, max_length, max_prompt_length)
     pad_id = data.pad_id(tokenizer)
     logps, n = packed_logps(model, encoded, pad_id, batch_size, max_length, progress, desc="perplexity")
     return torch.exp(-logps / n.clamp(min=1)).tolist()

@@ -18,7 +18,7 @@ import data
 import lora
 import parallel
 
-from data import collate, encode
+from data import collate, encode_many
 from generate import ScoredLM, batch_logps, inference, is_sharded, packable, packed_logps, scored_logits, scorer_for
 from losses import confident_loss, macpo_loss, sft_loss
 
@@ -347,10 +347,11 @@ def save_sharded(model, directory, max_shard_bytes=5 * 2**30):
 
 def _encode_rows(tokenizer, rows, max_length, max_prompt_length):
     """rows: [(prompt_text, chosen, rejected or None)] -> chosen encodings, rejected encodings (or None)."""
-    chosen = [encode(tokenizer, p, c, max_length, max_prompt_length) for p, c, _ in rows]
+    prompts = [p for p, _, _ in rows]
+    chosen = encode_many(tokenizer, prompts, [c for _, c, _ in rows], max_length, max_prompt_length)
     rejected = None
     if rows and rows[0][2] is not None:
-        rejected = [encode(tokenizer, p, r, max_length, max_prompt_length) for p, _, r in rows]
+        rejected = encode_many(tokenizer, prompts, [r for _, _, r in rows], max_length, max_prompt_length)
     return chosen, rejected
 
 
