@@ -600,6 +600,8 @@ def encode_many(tokenizer, prompts, responses, max_length, max_prompt_length=Non
     if not 0 < max_prompt_length < max_length:
         raise DataError(f"--max_prompt_length ({max_prompt_length}) must be between 1 and --max_length "
                         f"({max_length}) - 1, so that some of the response fits")
+    if len(prompts) != len(responses):
+        raise ValueError(f"encode_many: {len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
         return []
     encoded = []

@@ -73,7 +73,8 @@ def initial_A(seed, name, rank, in_features):
     the global generator two runs of one command started from different adapters: the toy's naive student
     moved by up to 0.12 between them."""
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
-    return nn.init.kaiming_uniform_(torch.empty(rank, in_features), a=math.sqrt(5), generator=generator)
+    return nn.init.kaiming_uniform_(torch.empty(rank, in_features, dtype=torch.float32, device="cpu"), a=math.sqrt(5),
+                                    generator=generator)
 
 
 def lora_modules(model):

@@ -122,7 +122,8 @@ class Config:
     toy_student_size: str = "80x2"                   # hidden x layers of the strong student
     toy_teacher_pretrain_steps: str = "1200,1200,1200"   # pre-training steps per weak teacher (measured: one
                                                      # operation at ~0.95 after 900-1,200 steps of 64, 64x2)
-    toy_student_pretrain_steps: int = 1500           # the student sees three operations: 3x the batch
+    toy_student_pretrain_steps: int = 1200           # the student sees three operations: 3x the batch (measured:
+                                                     # final loss 0.021 at 1,200 steps, 0.015 at 1,500; every premise holds)
     toy_pretrain_lr: float = 3e-3
     toy_pretrain_batch_size: int = 64                # the teachers'
     toy_student_pretrain_batch_size: int = 192

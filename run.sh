@@ -50,7 +50,7 @@ REAL="--max_length 1024 --max_prompt_length 512 --max_new_tokens 256 --batch_siz
 # (--negative_temperature 0): sampled at 0.3 a teacher's twin was well formed on 59% of Q_w2s (97% greedy), and
 # the student's twin, which learns from the weak teacher's twin's answers, copied the malformed ones.
 TOY="--task toy --n_teachers 3 --toy_teacher_ops +,-,* --toy_teacher_sizes 64x2,64x2,64x2
-     --toy_teacher_pretrain_steps 1200,1200,1200 --toy_student_size 80x2 --toy_student_pretrain_steps 1500
+     --toy_teacher_pretrain_steps 1200,1200,1200 --toy_student_size 80x2 --toy_student_pretrain_steps 1200
      --toy_pretrain_batch_size 64 --toy_student_pretrain_batch_size 192 --toy_pretrain_lr 3e-3
      --template vicuna --system= --max_length 64 --max_prompt_length 32 --max_new_tokens 16
      --batch_size 64 --score_batch_size 256 --gen_batch_size 256 --teacher_sft_epochs 2 --student_sft_epochs 3

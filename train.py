@@ -459,7 +459,9 @@ def train(model, tokenizer, rows, settings, reference=None, log_file=None):
         reference_chosen, reference_rejected = (r.to(device) for r in reference)
     lengths = [len(c[0]) + (len(rejected[i][0]) if rejected else 0) for i, c in enumerate(chosen)]
     generator = torch.Generator().manual_seed(s.seed)
-    torch.manual_seed(s.seed)                    # dropout draws from the global generator: the same per stage too
+    # LoRA dropout draws from torch's global generator: reseeded here so that a stage is repeatable too (a side
+    # effect on the caller's generator; every rank gets the same seed, so ranks share dropout masks)
+    torch.manual_seed(s.seed)
     batches = [b for _ in range(s.epochs) for b in _bucketed_batches(lengths, s.batch_size, generator, s.length_window)]
     total_steps = max(1, math.ceil(len(batches) / s.grad_accum))
     warmup = int(s.warmup_ratio * total_steps)

@@ -17,7 +17,7 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (DataError, Example, collate, collate_pairs, dataset_file, encode,  # noqa: E402
+from data import (DataError, Example, collate, collate_pairs, dataset_file, encode, encode_many,  # noqa: E402
                   missing_dataset_files, paper_splits, read_any, read_hh, read_jsonl_pairs, read_llamafactory,
                   read_pku, render_prompt, splits_with_test_file, truncate_prompt)
 
@@ -582,6 +582,19 @@ def test_encode_truncation_keeps_prompt_end_and_bos_then_cuts_response(tokenizer
     assert mask == [0, 0, 0, 1, 1, 1]
     with pytest.raises(DataError, match="--max_prompt_length"):
         encode(tokenizer, PROMPT, "fine thanks", max_length=6, max_prompt_length=6)
+
+
+def test_encode_many_gives_each_pair_its_hand_written_ids(tokenizer):
+    """Several pairs in one call, one of them cut and one with an empty response, against the ids written out
+    by hand; lengths that do not match are refused."""
+    got = encode_many(tokenizer, [PROMPT, "USER: hi ASSISTANT:", "USER: how are you ASSISTANT:"],
+                      ["fine thanks", "", "fine thanks fine thanks"], max_length=8, max_prompt_length=4)
+    assert got == [([BOS, ARE, YOU, ASSIST, FINE, THANKS, EOS], [0, 0, 0, 0, 1, 1, 1]),        # prompt cut to 4
+                   ([BOS, USER, HI, ASSIST, EOS], [0, 0, 0, 0, 1]),                               # EOS alone
+                   ([BOS, ARE, YOU, ASSIST, FINE, THANKS, FINE, THANKS], [0] * 4 + [1] * 4)]    # both cut
+    assert encode_many(tokenizer, [], [], max_length=8) == []
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        encode_many(tokenizer, [PROMPT, PROMPT], ["fine"], max_length=8)
 
 
 def test_truncate_prompt_keeps_bos_and_the_end():

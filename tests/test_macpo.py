@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -270,7 +271,7 @@ def test_lora_run_trains_only_adapters_and_merges(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
-def test_a_lora_run_is_a_function_of_its_flags(tmp_path):
+def test_a_lora_run_is_a_function_of_its_flags(tmp_path, monkeypatch):
     """Two --lora all runs of one command, with torch's global generator left in different states before each,
     write the same adapters, generations and pairs byte for byte: fresh adapters start from the stage's seed
     (lora.initial_A), not from whatever the process drew before. (The global generator once decided them, and
@@ -281,7 +282,18 @@ def test_a_lora_run_is_a_function_of_its_flags(tmp_path):
         out = tmp_path / name
         macpo.main(SMOKE + ["--out", str(out), "--n_teachers", "1", "--lora", "all", "--no-ceiling"])
         return {k: v for k, v in snapshot(out).items() if k.endswith((".safetensors", ".jsonl"))}
+    import lora
+    seeds, initial_A = {}, lora.initial_A
+    def recording(seed, name, rank, in_features):
+        if seed != 0:                    # 0: lora.load_adapters' placeholders, overwritten by a checkpoint's
+            seeds.setdefault(name, []).append(seed)
+        return initial_A(seed, name, rank, in_features)
+    monkeypatch.setattr(lora, "initial_A", recording)
     a, b = run("a", 1), run("b", 2)
+    # each fresh stage draws its adapters from its own seed, Run.seed(stage) = crc32("{--seed}/{stage}"):
+    # init/teacher0 and init/student, the two stages that add adapters, in both runs
+    expected = [zlib.crc32(f"0/init/{stage}".encode()) for stage in ("teacher0", "student")] * 2
+    assert seeds and all(v == expected for v in seeds.values()), seeds
     assert any(k.endswith("adapter_model.safetensors") for k in a) and any("generations" in k for k in a), list(a)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
