@@ -57,8 +57,8 @@ TOY="--task toy --n_teachers 3 --toy_teacher_ops +,-,* --toy_teacher_sizes 64x2,
      --neg_sft_epochs 32 --neg_sft_lr 3e-3 --negative_temperature 0 --length_window 1 --sft_lr 3e-4 --dpo_lr 2e-4 --warmup_ratio 0.05
      --lora all --lora_targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --temperature 0.3 --top_p 1.0"
 case "$preset" in
-  toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, about 8 minutes on 2 cores
-             # (6.5 of them pre-training the bases, which later runs reuse)
+  toy)       # the README's main job: every stage of Algorithm 1 plus the ceiling, 10 minutes on 2 cores from a
+             # fresh clone (1.3 for the venv, 6 pre-training the bases, which later runs reuse)
     exec $PY macpo.py --out runs/toy --n_init 700 --n_w2s 700 --n_test 1200 $TOY "$@" ;;
   smoke)     # the same pipeline at the smallest size that still runs every stage
     exec $PY macpo.py --out runs/smoke --task toy --n_teachers 3 --n_init 64 --n_w2s 64 --n_test 32 \
