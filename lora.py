@@ -82,6 +82,11 @@ def lora_modules(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
+def adapter_tensors(model):
+    """{"<module name>.lora_A" / ".lora_B": parameter} for every adapter: the keys of adapter_model.safetensors."""
+    return {f"{name}.{kind}": getattr(m, kind) for name, m in lora_modules(model) for kind in ("lora_A", "lora_B")}
+
+
 def _replace(model, name, new):
     """Put `new` where the submodule called `name` (dotted path) sits."""
     parent_name, _, child = name.rpartition(".")
@@ -163,9 +168,7 @@ def save_adapters(model, directory, config_dict=None, tensors=None):
     if "targets" in extra and not set(config["targets"]) <= set(extra["targets"]):
         raise ValueError(f"save_adapters: config targets {extra['targets']} but the model adapts {config['targets']}")
     config = {**extra, **config}
-    if tensors is None:
-        tensors = {f"{name}.{kind}": getattr(m, kind) for name, m in lora_modules(model) for kind in ("lora_A", "lora_B")}
-    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    tensors = {k: v.detach().contiguous() for k, v in (adapter_tensors(model) if tensors is None else tensors).items()}
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp))
 

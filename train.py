@@ -89,8 +89,7 @@ def save_model(model, tokenizer, directory):
     looks done."""
     if lora.lora_modules(model):
         # the adapters only (a few MB), each gathered whole when sharded: a collective every rank joins
-        tensors = {f"{name}.{kind}": (lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t)(getattr(m, kind))
-                   for name, m in lora.lora_modules(model) for kind in ("lora_A", "lora_B")}
+        tensors = {key: _whole(t) for key, t in lora.adapter_tensors(model).items()}
         if parallel.is_main():
             lora.save_adapters(model, directory, {"base_model": model.name_or_path}, tensors)
             tokenizer.save_pretrained(directory)
@@ -146,6 +145,11 @@ def _shard(model):
     fully_shard(scorer)
     object.__setattr__(model, "_macpo_scorer", scorer)
     return scorer
+
+
+def _whole(t):
+    """A parameter whole: a DTensor (FSDP's shard) gathered, an all-gather every rank joins; a tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def full_state_dict(model):
@@ -323,7 +327,7 @@ def save_sharded(model, directory, max_shard_bytes=5 * 2**30):
             tensors = {}
             for key in keys:
                 t = state[key]
-                whole = t.full_tensor() if hasattr(t, "full_tensor") else t      # [whole shape] on every rank
+                whole = _whole(t)                        # [whole shape] on every rank
                 if parallel.is_main():
                     tensors[key] = whole.detach().to("cpu").contiguous()
                 del whole                                # other ranks free it at once
