@@ -1,5 +1,5 @@
 """The baselines MACPO is compared with: same data, same initial models (macpo.initialise's Setup), the same
-number of rounds and the same update (losses.macpo_loss: DPO + sft_weight x SFT on the chosen side) where they
+number of rounds and the same update (stages.dpo_stage: DPO + sft_weight x SFT on the chosen side) where they
 are iterative, so only the choice of training signal differs. They train the strong student only; the weak
 teachers stay as initialised. Each returns ({round: {agent: eval stage}}, {agent: final checkpoint}).
 
@@ -12,34 +12,37 @@ import math
 import re
 
 import report
+from data import read_jsonl
 from generate import generate, perplexity
-from stages import dpo_stage, evaluate_stage, load_agent, read_jsonl, render, samples, scored, sft_stage, write_jsonl
+from stages import dpo_stage, evaluate_stage, load_agent, render, samples, scored, sft_stage, write_jsonl
 
 
-def naive_sft(cfg, run, s, prefix):
+def naive_sft(cfg, run, setup, prefix):
     """The strong student SFT on the weak labels: Algorithm 1's initial student, evaluated alone."""
-    return {"init": s.evals}, dict(s.init)
+    return {"init": setup.evals}, dict(setup.init)
 
 
-def confident(cfg, run, s, prefix):
+def confident(cfg, run, setup, prefix):
     """Burns et al. (2023)'s auxiliary confidence loss instead of plain SFT on the weak labels, from the same
     strong base for the same epochs (losses.confident_loss: token-level, the hardened prediction = argmax)."""
-    student = sft_stage(cfg, run, f"{prefix}init/student", s.bases["student"],
-                        [(q, y, None) for q, y in zip(s.Q, s.weak_labels)], cfg.student_sft_epochs, kind="confident")
-    return ({"init": dict(s.evals, student=evaluate_stage(cfg, run, f"eval/{prefix}init/student", student, s.test))},
-            dict(s.init, student=student))
+    student = sft_stage(cfg, run, f"{prefix}init/student", setup.bases["student"],
+                        [(q, y, None) for q, y in zip(setup.Q, setup.weak_labels)], cfg.student_sft_epochs,
+                        setup.lora["student"], kind="confident")
+    return ({"init": dict(setup.evals, student=evaluate_stage(cfg, run, f"eval/{prefix}init/student", student,
+                                                              setup.test))},
+            dict(setup.init, student=student))
 
 
-def spin(cfg, run, s, prefix):
+def spin(cfg, run, setup, prefix):
     """SPIN (Chen et al. 2024), iterated for T rounds: chosen = the weak label, rejected = the student's own
     sample from the previous round's model, which is also the DPO reference (--reference previous)."""
-    agents, evals = dict(s.init), {"init": s.evals}
+    agents, evals = dict(setup.init), {"init": setup.evals}
     for t in range(1, cfg.T + 1):
         r, student = f"{prefix}round{t}", agents["student"]
-        own = samples(cfg, run, student, s.Q)          # round 1: the initial student's, shared with MACPO's
-        agents["student"] = dpo_stage(cfg, run, f"{r}/student", student, s.reference(cfg.reference, "student", student),
-                                      list(zip(s.Q, s.weak_labels, own)))
-        evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", agents["student"], s.test)}
+        own = samples(cfg, run, student, setup.Q)          # round 1: the initial student's, shared with MACPO's
+        agents["student"] = dpo_stage(cfg, run, f"{r}/student", student, list(zip(setup.Q, setup.weak_labels, own)),
+                                      setup.reference(cfg.reference, "student"), setup.lora["student"])
+        evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", agents["student"], setup.test)}
         report.print_round(run, r, ["student"])
     return evals, agents
 
@@ -60,7 +63,8 @@ def self_judge_stage(cfg, run, name, student, prompts, samples):
     --self_judge likelihood (the toy task, where a tiny model cannot follow a judging instruction): the
         student's own length-normalised log-likelihood of the sample, -log PPL(y | x). A substitute, and a
         self-reinforcing one: it prefers what the student already finds likely, not what is correct."""
-    def build(folder):
+    if not run.done(name):
+        folder = run.start(name)
         model, tokenizer = load_agent(cfg, student)
         rendered = [render(cfg, turns, tokenizer) for turns in prompts]
         scores = []
@@ -89,20 +93,21 @@ def self_judge_stage(cfg, run, name, student, prompts, samples):
                          "candidate_scores": {n: {f"sample{j}": candidate[j][i][n] for j in range(len(samples))}
                                               for n in candidate[0][i]}})
         write_jsonl(folder / "pairs.jsonl", rows)
-    return [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
+        run.finish(name)
+    return [(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(run.out / name / "pairs.jsonl")]
 
 
-def self_rewarding(cfg, run, s, prefix):
+def self_rewarding(cfg, run, setup, prefix):
     """Self-Rewarding (Yuan et al. 2024), iterated for T rounds: --n_samples samples per prompt from the
     student, ranked by the student itself (self_judge_stage), best vs worst as a DPO pair."""
-    agents, evals = dict(s.init), {"init": s.evals}
+    agents, evals = dict(setup.init), {"init": setup.evals}
     for t in range(1, cfg.T + 1):
         r, student = f"{prefix}round{t}", agents["student"]
-        drawn = [samples(cfg, run, student, s.Q, j) for j in range(cfg.n_samples)]
-        pairs = self_judge_stage(cfg, run, f"{r}/pairs_student", student, s.Q, drawn)
-        agents["student"] = dpo_stage(cfg, run, f"{r}/student", student, s.reference(cfg.reference, "student", student),
-                                      pairs)
-        evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", agents["student"], s.test)}
+        drawn = [samples(cfg, run, student, setup.Q, j) for j in range(cfg.n_samples)]
+        pairs = self_judge_stage(cfg, run, f"{r}/pairs_student", student, setup.Q, drawn)
+        agents["student"] = dpo_stage(cfg, run, f"{r}/student", student, pairs,
+                                      setup.reference(cfg.reference, "student"), setup.lora["student"])
+        evals[r] = {"student": evaluate_stage(cfg, run, f"eval/{r}/student", agents["student"], setup.test)}
         report.print_round(run, r, ["student"])
     return evals, agents
 

@@ -1,7 +1,7 @@
 """Text to tensors: dataset readers and downloads, splits, prompt rendering, tokenization and collation.
 
 Bottom layer of macpo: imports nothing from the project. Every (prompt, response) pair becomes token ids in
-exactly one place, `encode`, used by training, reference caching and perplexity scoring alike.
+exactly one place, `encode_many`, used by training, reference caching and perplexity scoring alike.
 """
 import gzip
 import hashlib
@@ -23,6 +23,10 @@ from huggingface_hub.errors import EntryNotFoundError, HTTPError, LocalEntryNotF
 
 class DataError(ValueError):
     """A problem with the user's data: the message names the file and line (or the flag) to fix."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model name or path that cannot be loaded; the message says what to download and where to put it."""
 
 
 @dataclass
@@ -76,6 +80,12 @@ def _json_lines(path):
         except (EOFError, OSError, zlib.error) as e:
             raise DataError(f"{path}:{lineno + 1}: the file is truncated or corrupt ({e}); "
                             "delete it and download it again") from None
+
+
+def read_jsonl(path):
+    """Every JSON object of a .jsonl or .jsonl.gz file, in order: the one JSONL reader (datasets, and the
+    generations, pairs and metrics a run writes). A malformed line is a DataError naming the file and line."""
+    return [record for _, record in _json_lines(path)]
 
 
 def _field(record, key, kind, where):
@@ -577,23 +587,18 @@ def truncate_prompt(prompt_ids, max_prompt_length, bos_id=None):
     return prompt_ids[:1] * has_bos + prompt_ids[len(prompt_ids) - keep:]
 
 
-def encode(tokenizer, prompt, response, max_length, max_prompt_length=None):
-    """(rendered prompt text, response text) -> (input_ids, loss_mask), two lists of ints of equal length.
+def encode_many(tokenizer, prompts, responses, max_length, max_prompt_length=None):
+    """[rendered prompt text], [response text] -> [(input_ids, loss_mask)], two lists of ints of equal length
+    per pair, in order.
 
     prompt ids   = tokenizer(prompt)                                   (the tokenizer's own BOS, if it adds one)
     response ids = tokenizer(response, add_special_tokens=False) + [eos]
     loss_mask is 1 exactly on the response ids (EOS included), 0 on the prompt.
     Too long for max_length: first keep the END of the prompt (at most max_prompt_length tokens, default
     max_length // 2, the BOS kept in front), then cut the response's tail; a cut response loses its EOS too,
-    so the model is never taught to stop mid-sentence.
+    so the model is never taught to stop mid-sentence. One tokenizer call per side for many pairs: the same
+    ids as one call per text, without the per-call overhead.
     """
-    return encode_many(tokenizer, [prompt], [response], max_length, max_prompt_length)[0]
-
-
-def encode_many(tokenizer, prompts, responses, max_length, max_prompt_length=None):
-    """encode() for many pairs at once -> [(input_ids, loss_mask)], in order. One tokenizer call per side:
-    the same ids as one call per text, without the per-call overhead (288,000 pre-training rows: 27 s one at
-    a time)."""
     max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
     # A prompt allowed to fill max_length would leave no room for the response (and made the cut below a
     # negative slice that kept tokens instead of dropping them).
@@ -645,8 +650,11 @@ def collate(rows, pad_id):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def collate_pairs(chosen_rows, rejected_rows, pad_id):
-    """B chosen and B rejected encodings -> one [2B, T] batch, chosen rows first (rows i and B + i are a pair),
-    so the policy scores both sides in a single forward pass."""
-    assert len(chosen_rows) == len(rejected_rows)
-    return collate(list(chosen_rows) + list(rejected_rows), pad_id)
+def encode_rows(tokenizer, rows, max_length, max_prompt_length):
+    """rows [(prompt text, chosen, rejected or None)] -> (chosen encodings, rejected encodings or None)."""
+    prompts = [p for p, _, _ in rows]
+    chosen = encode_many(tokenizer, prompts, [c for _, c, _ in rows], max_length, max_prompt_length)
+    rejected = None
+    if rows and rows[0][2] is not None:
+        rejected = encode_many(tokenizer, prompts, [r for _, _, r in rows], max_length, max_prompt_length)
+    return chosen, rejected

@@ -10,9 +10,9 @@ Scorers turn (prompt turns, response) into one float per response:
   NAME    any AutoModelForSequenceClassification (hub name or folder): its first logit. PKU-SafeRLHF's reward
           model (higher = more helpful) and cost model (higher = less safe) are two such scorers, reported
           side by side, each under its own name.
-The paper's exact reward models, GPT-4 judge prompt and human protocol are not published (README, "What the
-paper leaves open"); the mean score on the test prompts and pairwise win / tie / lose rates are the assumed metrics.
-Above generate.py, below macpo.py (which calls it for `eval` and for `table`).
+The paper's exact reward models, GPT-4 judge prompt and human protocol are not published (README.md, "Where
+the paper is silent"); the mean score on the test prompts and pairwise win / tie / lose rates are the assumed
+metrics. Also the Markdown of the multi-seed table (report.table runs it). Above generate.py, below macpo.py.
 """
 import argparse
 import json
@@ -161,6 +161,12 @@ def fmt(values, digits=3):
     return "-" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def markdown_table(header, rows):
+    """The one Markdown table writer: header cells and rows of (formatted) cells -> the table's text."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The weak-to-strong table. `per_seed[method][seed]` (written by macpo.table) holds:
 #   "rounds":   [{"student": mean score, "teachers": mean score over the K teachers}, ...]  init, round 1..T
@@ -200,23 +206,22 @@ def results_markdown(summary, header="", margin=0.0):
     T = max(len(m["student"]) for m in methods.values())
     rounds = ["init"] + [f"round {t}" for t in range(1, T)]
     lines = [header, "", "### Strong student (gold reward, mean ± std over seeds)", "",
-             "| method | " + " | ".join(rounds) + " | PGR (final) |", "|---" * (len(rounds) + 2) + "|"]
-    for name, m in methods.items():
-        cells = [fmt(m["student"][t]) if t < len(m["student"]) else "" for t in range(T)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt(m['pgr'], 2)} |")
+             markdown_table(["method"] + rounds + ["PGR (final)"], [
+                 [name] + [fmt(m["student"][t]) if t < len(m["student"]) else "" for t in range(T)]
+                 + [fmt(m["pgr"], 2)] for name, m in methods.items()]).rstrip("\n")]
     lines += ["", f"Weak supervisor (the weak-label teacher after init): {fmt(summary['weak'])}; "
               f"ceiling (the strong student SFT on ground truth): {fmt(summary['ceiling'])}. "
               "PGR = (student - weak) / (ceiling - weak), per seed, then mean ± std.", "",
               "### Weak teachers (mean over the K teachers, then mean ± std over seeds)", "",
-              "| method | " + " | ".join(rounds) + " |", "|---" * (len(rounds) + 1) + "|"]
-    for name, m in methods.items():
-        cells = [fmt(m["teachers"][t]) if t < len(m["teachers"]) else "" for t in range(T)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+              markdown_table(["method"] + rounds, [
+                  [name] + [fmt(m["teachers"][t]) if t < len(m["teachers"]) else "" for t in range(T)]
+                  for name, m in methods.items()]).rstrip("\n")]
     if summary["win_rates"]:
         lines += ["", f"### MACPO's final strong student against each method's (per test prompt, all seeds "
-                  f"pooled, tie margin {margin})", "", "| against | win | tie | lose | n |", "|---|---|---|---|---|"]
-        for name, w in summary["win_rates"].items():
-            lines.append(f"| {name} | {w['win']:.3f} | {w['tie']:.3f} | {w['lose']:.3f} | {w['n']} |")
+                  f"pooled, tie margin {margin})", "",
+                  markdown_table(["against", "win", "tie", "lose", "n"], [
+                      [name, f"{w['win']:.3f}", f"{w['tie']:.3f}", f"{w['lose']:.3f}", w["n"]]
+                      for name, w in summary["win_rates"].items()]).rstrip("\n")]
     lines += _verdict(methods)
     return "\n".join(lines) + "\n"
 
@@ -227,8 +232,7 @@ def premises_markdown(by_seed, weak, ceiling, n_test):
     error at a score of 0.5 (0.5 / sqrt(n_test) <= 0.015) -> a Markdown section."""
     seeds = list(by_seed)
     names = list(dict.fromkeys(p["premise"] for ps in by_seed.values() for p in ps))
-    lines = ["### Test-bed premises (measured after initialisation, every seed)", "",
-             "| premise | threshold | " + " | ".join(f"seed {sd}" for sd in seeds) + " |", "|---" * (len(seeds) + 2) + "|"]
+    rows = []
     for name in names:
         cells, threshold = [], ""
         for sd in seeds:
@@ -236,7 +240,9 @@ def premises_markdown(by_seed, weak, ceiling, n_test):
             threshold = threshold or (p and (f"in [{p['threshold'][0]}, {p['threshold'][1]}]" if p["op"] == "in"
                                              else "(reported)" if p["op"] == "report" else f"{p['op']} {p['threshold']}"))
             cells.append("-" if p is None else f"{p['value']:.3f}{'' if p['pass'] else ' FAIL'}")
-        lines.append(f"| {name} | {threshold} | " + " | ".join(cells) + " |")
+        rows.append([name, threshold] + cells)
+    lines = ["### Test-bed premises (measured after initialisation, every seed)", "",
+             markdown_table(["premise", "threshold"] + [f"seed {sd}" for sd in seeds], rows).rstrip("\n")]
     noise = [("std of the weak supervisor over seeds", mean_std(weak)[1], 0.05),
              ("std of the ceiling over seeds", mean_std(ceiling)[1], 0.03),
              ("one seed's standard error at 0.5", 0.5 / math.sqrt(max(n_test, 1)), 0.015)]
@@ -252,11 +258,9 @@ def kinds_markdown(per_method, weak, ceiling):
     ceiling's [per seed {kind: mean}] -> a Markdown section (mean ± std over seeds)."""
     rows = dict(per_method, **{"weak supervisor": weak, "ceiling": ceiling})
     kinds = list(dict.fromkeys(k for per_seed in rows.values() for v in per_seed if v for k in v))
-    lines = ["### Final strong student per prompt kind (mean ± std over seeds)", "",
-             "| method | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
-    for name, per_seed in rows.items():
-        lines.append(f"| {name} | " + " | ".join(fmt([v[k] for v in per_seed if v and k in v]) for k in kinds) + " |")
-    return "\n".join(lines) + "\n"
+    return "### Final strong student per prompt kind (mean ± std over seeds)\n\n" + markdown_table(
+        ["method"] + kinds, [[name] + [fmt([v[k] for v in per_seed if v and k in v]) for k in kinds]
+                             for name, per_seed in rows.items()])
 
 
 def _verdict(methods, name="macpo"):
@@ -267,26 +271,23 @@ def _verdict(methods, name="macpo"):
         return []
     final = {m: v["student"][-1] for m, v in methods.items()}
     n = len(final[name])
-    lines = ["", "### MACPO's final strong student minus each method's, per seed (paired; seeds in --seeds order)", "",
-             "| method | " + " | ".join(f"seed #{i + 1}" for i in range(n)) + " | mean | verdict |",
-             "|---" * (n + 3) + "|"]
-    groups = {"beats": [], "loses to": [], "mixed against": []}
+    rows, groups = [], {"beats": [], "loses to": [], "mixed against": []}
     for m in final:
         if m == name:
             continue
         diffs = [a - b for a, b in zip(final[name], final[m])]
         verdict = "beats" if all(d > 0 for d in diffs) else "loses to" if all(d < 0 for d in diffs) else "mixed against"
         groups[verdict].append(f"{m} ({statistics.fmean(diffs):+.3f})")
-        lines.append(f"| {m} | " + " | ".join(f"{d:+.3f}" for d in diffs) + f" | {statistics.fmean(diffs):+.3f} | "
-                     f"{verdict.split()[0]} |")
+        rows.append([m] + [f"{d:+.3f}" for d in diffs] + [f"{statistics.fmean(diffs):+.3f}", verdict.split()[0]])
+    lines = ["", "### MACPO's final strong student minus each method's, per seed (paired; seeds in --seeds order)", "",
+             markdown_table(["method"] + [f"seed #{i + 1}" for i in range(n)] + ["mean", "verdict"], rows).rstrip("\n")]
     text = [f"MACPO's final strong student scores {statistics.fmean(final[name]):.3f} (mean over {n} seeds)."]
     for verdict, which in groups.items():
         if which:
             text.append(f"In every seed it {verdict} {', '.join(which)}." if verdict != "mixed against" else
                         f"Mixed, neither higher nor lower in every seed, against {', '.join(which)}.")
     return lines + ["", "### Verdict", "", " ".join(text) + " (mean paired differences in brackets.) Why, as far "
-                    "as measured, and what changed when the task and the learning rates were varied: README.md, "
-                    "section \"The toy task\"."]
+                    "as measured, and what changed when the bed was varied: results/README.md."]
 
 
 def plot_rounds(summary, path, ylabel="gold reward"):
@@ -334,7 +335,7 @@ def plot_rounds(summary, path, ylabel="gold reward"):
 # `python macpo.py eval FOLDER`: score any folder of generations.jsonl files (prompt turns + response rows).
 
 def read_generations(path):
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = data.read_jsonl(path)
     # plain strings are accepted as prompts too (a run done elsewhere): one user turn
     return [r["prompt"] if isinstance(r["prompt"], list) else [{"role": "user", "content": r["prompt"]}]
             for r in rows], [r["response"] for r in rows]
@@ -385,9 +386,9 @@ def main(argv=None):
     out = Path(args.folder) / "eval_scores.json"
     out.write_text(json.dumps({n: {k: v for k, v in r.items() if k != "prompts"} for n, r in results.items()},
                               indent=1) + "\n")
-    print("| generations | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
-    for n, r in results.items():
-        wins = "".join(f" (vs baseline: {w['win']:.2f}/{w['tie']:.2f}/{w['lose']:.2f})"
-                       for w in r.get("win_rates", {}).values())
-        print(f"| {n} | " + " | ".join(f"{r[s]['mean']:.4f}" for s in names) + f" |{wins}")
+    baseline = [f"{s} win/tie/lose vs baseline" for s in names] if args.baseline else []
+    print(markdown_table(["generations"] + names + baseline, [
+        [n] + [f"{r[s]['mean']:.4f}" for s in names]
+        + [(lambda w: f"{w['win']:.2f}/{w['tie']:.2f}/{w['lose']:.2f}" if w else "-")(r.get("win_rates", {}).get(s))
+           for s in names if args.baseline] for n, r in results.items()]), end="")
     print(f"\nper-response scores: {out}")

@@ -3,10 +3,11 @@
     logps, n_tokens = sequence_logps(model, input_ids, attention_mask, loss_mask)   # one padded batch
     logps, n_tokens = packed_logps(model, encoded_pairs, pad_id)                    # many pairs, prompts shared
     ppl = perplexity(model, tokenizer, prompts, responses)                          # one float per pair
+    chosen_logps, rejected_logps = reference_logps(model, tokenizer, rows)          # DPO's reference, once
     texts = generate(model, tokenizer, prompts, max_new_tokens=64, temperature=0)   # one string per prompt
 
 Prompts are passed already rendered (data.render_prompt); every (prompt, response) pair becomes ids through
-data.encode, the same split the training loss mask uses. Pairs that share a prompt (MACPO's K responses per
+data.encode_many, the same split the training loss mask uses. Pairs that share a prompt (MACPO's K responses per
 prompt, a chosen and a rejected response) are scored after one pass of it (pack_rows, below).
 """
 import bisect
@@ -70,14 +71,14 @@ class ScoredLM(torch.nn.Module):
 
 
 def scorer_for(model):
-    """The ScoredLM every forward pass of `model` goes through: for a model sharded with FSDP (train.wrap, or
+    """The ScoredLM every forward pass of `model` goes through: for a model sharded with FSDP (sharding.wrap, or
     loaded sharded) the one its hooks are registered on, so that generation, scoring and training all run
     through the sharded root; otherwise a fresh wrapper (it holds no state)."""
     return getattr(model, "_macpo_scorer", None) or ScoredLM(model)
 
 
 def is_sharded(model):
-    """Is `model` sharded across ranks with FSDP (train.wrap or train.load_sharded gave it its root)? Then every
+    """Is `model` sharded across ranks with FSDP (sharding.wrap or sharding.load_sharded gave it its root)? Then every
     forward pass is a collective: every rank must make the same calls, so ranks with less work run padding
     batches and decoding stops when every rank's batch is done."""
     return getattr(model, "_macpo_scorer", None) is not None
@@ -326,13 +327,23 @@ def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progres
 def perplexity(model, tokenizer, prompts, responses, batch_size=32, max_length=1024, max_prompt_length=None,
                progress=False):
     """PPL(response | prompt) = exp(-(1/|y|) sum_t log p(y_t | x, y_<t)) for each pair, in input order.
-    The response's tokens are the ones data.encode puts in the loss mask (response + EOS). The responses to one
+    The response's tokens are the ones data.encode_many puts in the loss mask (response + EOS). The responses to one
     prompt are scored against one pass of it (packed_logps)."""
     assert len(prompts) == len(responses)
     encoded = encode_many(tokenizer, prompts, responses, max_length, max_prompt_length)
     pad_id = data.pad_id(tokenizer)
     logps, n = packed_logps(model, encoded, pad_id, batch_size, max_length, progress, desc="perplexity")
     return torch.exp(-logps / n.clamp(min=1)).tolist()
+
+
+@inference
+def reference_logps(model, tokenizer, rows, batch_size=32, max_length=1024, max_prompt_length=None):
+    """Summed log-probs of every chosen and rejected response under the reference model: two [N] float32
+    tensors on the CPU. Computed once before the update, so the reference model need not stay in memory.
+    A chosen and a rejected response to one prompt are scored against one pass of it (packed_logps)."""
+    chosen, rejected = data.encode_rows(tokenizer, rows, max_length, max_prompt_length)
+    logps, _ = packed_logps(model, chosen + rejected, data.pad_id(tokenizer), batch_size, max_length)
+    return logps[:len(chosen)], logps[len(chosen):]
 
 
 def _sample(logits, temperature, top_p, generator):

@@ -8,13 +8,13 @@ v_proj, alpha 16, no dropout, the release's defaults. A wrapped layer computes
 so an adapted model starts out exactly equal to its base. Only A and B train; the base stays frozen.
 
     names = add_lora(model)                          # wrap q_proj / v_proj, freeze everything else
-    opt = torch.optim.AdamW(lora_parameters(model))
+    opt = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)    # the adapters only
     with adapters_disabled(model): ...               # the base model again: DPO reference log-probs, no 2nd copy
     save_adapters(model, "out/adapter", {"base_model": "meta-llama/Llama-2-70b-hf"})
     load_adapters(model, "out/adapter")
     merge_adapters(model); model.save_pretrained("out/merged")   # a plain checkpoint, no LoRA code needed
 
-Needs torch and safetensors only; imports nothing from the project.
+Needs torch and safetensors; from the project only data.atomic_write (a checkpoint is never half-written).
 """
 import json
 import math
@@ -50,7 +50,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=torch.float32))
         # A: random (initial_A, from `seed` and the module's `name`); B: zeros, so B A = 0 and training starts
-        # from the base model exactly (LoRA paper, section 4.1). On the meta device (train.load_sharded) there
+        # from the base model exactly (LoRA paper, section 4.1). On the meta device (sharding.load_sharded) there
         # is no storage yet: each rank later writes its rows of the same initial_A.
         if device.type != "meta":
             with torch.no_grad():
@@ -120,11 +120,6 @@ def add_lora(model, targets=("q_proj", "v_proj"), rank=8, alpha=16, dropout=0.0,
     for name in names:                          # new parameters: requires_grad True, the only trainable ones
         _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout, seed, name))
     return names
-
-
-def lora_parameters(model):
-    """The adapter weights only (lora_A and lora_B of every LoRALinear): what the optimizer gets."""
-    return [p for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B)]
 
 
 @contextmanager

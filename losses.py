@@ -1,6 +1,9 @@
 """Pure tensor math: the log-prob gather and the preference / SFT losses. Imports torch only.
 
 Every loss returns PER-EXAMPLE tensors of shape (B,) plus detached statistics; the caller reduces.
+MACPO's update (train.train, kind "dpo") is the release's --stage dpo --dpo_ftx 0.2:
+
+    L(x, y+, y-) = dpo_loss(x, y+, y-) + sft_weight * sft_loss(y+)
 """
 import torch
 import torch.nn.functional as F
@@ -51,25 +54,6 @@ def sft_loss(logps, n_tokens):
     The release's SFT term (LLaMA-Factory's dpo_ftx) is this token average, not the sum; the clamp makes a
     fully masked row give 0, never NaN."""
     return -logps / n_tokens.clamp(min=1)
-
-
-def macpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-               chosen_n_tokens, beta=0.1, sft_weight=0.2, label_smoothing=0.0, loss_type="sigmoid"):
-    """MACPO's contrastive objective as released (--stage dpo --dpo_ftx 0.2):
-
-    L(x, y+, y-) = L_DPO(x, y+, y-) + sft_weight * ( -(1/|y+|) sum_t log pi(y+_t | x, y+_<t) )
-
-    Inputs are (B,) tensors; returns (losses (B,), stats) where stats holds detached (B,) tensors for logging:
-    dpo, sft, chosen_rewards, rejected_rewards, margin, accuracy (1 where the chosen reward is higher).
-    """
-    dpo, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
-                                                     reference_chosen_logps, reference_rejected_logps,
-                                                     beta, label_smoothing, loss_type)
-    sft = sft_loss(policy_chosen_logps, chosen_n_tokens)
-    stats = {"dpo": dpo.detach(), "sft": sft.detach(), "chosen_rewards": chosen_rewards,
-             "rejected_rewards": rejected_rewards, "margin": chosen_rewards - rejected_rewards,
-             "accuracy": (chosen_rewards > rejected_rewards).float()}
-    return dpo + sft_weight * sft, stats
 
 
 def confident_loss(logits, weak_ids, example_ids, n_examples, alpha):

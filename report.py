@@ -1,21 +1,33 @@
-"""The training-signal report: is every agent, every round, trained toward better behaviour?
+"""What a run reports: its results per round, agent and prompt kind (results.json and the printed tables), the
+toy bed's premises, the multi-seed table (results.md, rounds.png), and the training signal.
 
-A MACPO run trains K + 1 agents on pairs that other agents wrote, so whether it can work at all depends on
-those pairs: is the chosen response better than the rejected one, does the student's lowest-perplexity pick
-beat a random teacher and how far is it from the best one, are the negative twins' outputs really worse.
-When the run has a scorer (the toy task's gold reward; on real data --reward_models), every preference stage
-keeps the pairs it trained on with the scores they were judged by:
+The training signal: is every agent, every round, trained toward better behaviour? A MACPO run trains K + 1
+agents on pairs that other agents wrote, so whether it can work at all depends on those pairs: is the chosen
+response better than the rejected one, does the student's lowest-perplexity pick beat a random teacher and how
+far is it from the best one, are the negative twins' outputs really worse. When the run has a scorer (the toy
+task's gold reward; on real data --reward_models), every preference stage keeps the pairs it trained on with
+the scores they were judged by:
 
     ROUND/AGENT/pairs.jsonl            (stages.dpo_stage)  prompt, chosen, rejected, trained,
                                        chosen_score {scorer: v}, rejected_score {scorer: v}
-    ROUND/pairs_student/pairs.jsonl    (the student's selection) chosen_by, candidate_scores {scorer: {who: v}}
+    ROUND/pairs_student/pairs.jsonl    (macpo.perplexity_pick) chosen_by, candidate_scores {scorer: {who: v}}
 
 and this module turns those files into results.json["signal"][ROUND][AGENT] (pair_signal, selection_signal),
-the lines printed after each round, the table's Markdown section and a plot. Reads files only: no model.
+the lines printed after each round, the table's Markdown section and a plot.
 """
-import json
+import argparse
+import dataclasses
 import statistics
+import sys
+import time
 from pathlib import Path
+
+import evaluate
+import parallel
+import toy
+from data import read_jsonl
+from evaluate import markdown_table
+from stages import Run, samples, write_json, write_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -56,10 +68,6 @@ def selection_signal(candidate_scores, chosen_by):
 # ---------------------------------------------------------------------------------------------------------
 # From a run folder's files
 
-def _rows(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 def stage_signal(out, stage, scorer, kind=None):
     """Signal of the preference stage OUT/STAGE ("round2/teacher1") under `scorer` -> dict, or None when the
     stage kept no scored pairs (no scorer, or a run older than the report). n and the shares of better / worse /
@@ -72,7 +80,7 @@ def stage_signal(out, stage, scorer, kind=None):
     path = out / stage / "pairs.jsonl"
     if not path.exists():
         return None
-    rows = _rows(path)
+    rows = read_jsonl(path)
     if rows and scorer not in rows[0].get("chosen_score", {}):
         return None
     def stats(given, selection):
@@ -87,7 +95,7 @@ def stage_signal(out, stage, scorer, kind=None):
 
     round_name, agent = stage.rsplit("/", 1)
     selection_file = out / round_name / "pairs_student" / "pairs.jsonl"
-    selection = [r for r in _rows(selection_file) if "candidate_scores" in r] \
+    selection = [r for r in read_jsonl(selection_file) if "candidate_scores" in r] \
         if agent == "student" and selection_file.exists() else []
     if selection and scorer not in selection[0]["candidate_scores"]:
         selection = []
@@ -160,25 +168,19 @@ def mean_over_seeds(signals):
 
 def table_markdown(by_method, scorer):
     """{method: mean_over_seeds(...)} -> a Markdown section: one row per method, round and agent."""
-    lines = [f"### Training signal: what each agent was trained on (scorer: {scorer}; mean over seeds)", "",
-             "Shares of the pairs each agent trained on where the chosen response scores above / below / level with "
-             "the rejected one, the share of identical pairs among those given (dropped before training unless "
-             "--identical_pairs keep), mean scores of both sides; for the student, the "
-             "score of the teacher response it picked against the best one per prompt (oracle) and a random one.",
-             "", "| method | round | agent | n | chosen better | rejected better | equal | identical | chosen | "
-             "rejected | pick | oracle | random |", "|---" * 13 + "|"]
-
     def num(v, pct=False):
         return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}")
-    for method, signal in by_method.items():
-        for r, row in signal.items():
-            for agent, s in row.items():
-                lines.append(f"| {method} | {r.split('/')[-1]} | {agent} | {s['n']:.0f} | "
-                             + " | ".join(num(s.get(k), True) for k in ("chosen_better", "rejected_better", "equal",
-                                                                         "identical")) + " | "
-                             + " | ".join(num(s.get(k)) for k in ("chosen_score", "rejected_score", "pick", "oracle",
-                                                                  "random")) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[method, r.split("/")[-1], agent, f"{s['n']:.0f}"]
+            + [num(s.get(k), True) for k in ("chosen_better", "rejected_better", "equal", "identical")]
+            + [num(s.get(k)) for k in ("chosen_score", "rejected_score", "pick", "oracle", "random")]
+            for method, signal in by_method.items() for r, row in signal.items() for agent, s in row.items()]
+    return (f"### Training signal: what each agent was trained on (scorer: {scorer}; mean over seeds)\n\n"
+            "Shares of the pairs each agent trained on where the chosen response scores above / below / level with "
+            "the rejected one, the share of identical pairs among those given (dropped before training unless "
+            "--identical_pairs keep), mean scores of both sides; for the student, the "
+            "score of the teacher response it picked against the best one per prompt (oracle) and a random one.\n\n"
+            + markdown_table(["method", "round", "agent", "n", "chosen better", "rejected better", "equal",
+                              "identical", "chosen", "rejected", "pick", "oracle", "random"], rows))
 
 
 def plot_signal(signal, path, scorer, title=""):
@@ -220,8 +222,221 @@ def plot_signal(signal, path, scorer, title=""):
 def print_round(run, r, agents):
     """After round r of a run (stages.Run): one line per agent and scorer (chosen better than rejected, the
     student's pick), printed by rank 0."""
-    import parallel
     for scorer in run.score.scorers:
         row = run_signal(run.out, {r: agents}, scorer).get(r)
         if row and parallel.is_main():
             print("\n".join(format_lines(r, row, scorer)), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run's results: every eval stage's generations scored, per agent and per prompt kind (results.json)
+
+def scores(run, stage, scorer):
+    """Per-prompt scores of an eval stage's generations (None when not evaluated or nothing scores them)."""
+    if stage is None or scorer is None:
+        return None
+    rows = read_jsonl(run.out / stage / "generations.jsonl")
+    return scorer([r["prompt"] for r in rows], [r["response"] for r in rows])
+
+
+def mean_scores(run, evals, scorer):
+    """{round: {agent: eval stage}} -> {round: {agent: mean score or None}}."""
+    return {r: {a: (lambda v: None if v is None else sum(v) / len(v))(scores(run, stage, scorer))
+                for a, stage in row.items()} for r, row in evals.items()}
+
+
+def kind_of(cfg):
+    """prompt turns -> its kind, by which every score is also reported (toy.kind on the toy task), or None."""
+    return toy.kind if cfg.task == "toy" else None
+
+
+def kind_means(values, prompts, kind):
+    """Per-prompt scores -> {prompt kind: mean score}, kinds sorted (None without scores or kinds)."""
+    if values is None or kind is None:
+        return None
+    groups = {}
+    for p, v in zip(prompts, values):
+        groups.setdefault(kind(p), []).append(v)
+    return {k: statistics.fmean(groups[k]) for k in sorted(groups)}
+
+
+def signal_blocks(cfg, run, setup, evals):
+    """{scorer: {"signal": {round: {agent: ...}}, "negatives": {agent: mean score of its negative twin's
+    outputs}, "weak_labels": mean score}} for every scorer of the run ({} without one)."""
+    rounds = {r: list(row) for r, row in evals.items() if r not in ("init", "ceiling")}
+    negatives = {a: run.score(setup.Q, v) for a, v in setup.negatives.items()}
+    weak = run.score(setup.Q, setup.weak_labels)
+    return {scorer: {"signal": run_signal(run.out, rounds, scorer, kind_of(cfg)),
+                     "negatives": {a: statistics.fmean(v[scorer]) for a, v in negatives.items()},
+                     "weak_labels": statistics.fmean(weak[scorer])} for scorer in run.score.scorers}
+
+
+def check_premises(cfg, run, setup, ceiling):
+    """The toy test bed's premises (toy.premises: partial, complementary teachers, a strong student, a reachable
+    ceiling, real hard negatives), measured on this seed's agents after initialisation and printed before
+    round 1 -> toy.premises' list, or None off the toy task or without evaluation. `ceiling`: the ceiling's
+    eval stage, or None."""
+    if cfg.task != "toy" or not cfg.evaluate or not setup.test:
+        return None
+    measured = {a: scores(run, stage, evaluate.gold_scores) for a, stage in setup.evals.items()}
+    if ceiling is not None:
+        measured["ceiling"] = scores(run, ceiling, evaluate.gold_scores)
+    # each agent's own sampled responses to Q_w2s, against which its twin's are near misses: the stages round 1
+    # samples anyway (same names, so computed once)
+    own = {a: samples(cfg, run, setup.init[a], setup.Q) for a in setup.negatives}
+    premises = toy.premises([ex.prompt for ex in setup.test], measured,
+                            {a: (setup.Q, v, own[a]) for a, v in setup.negatives.items()}, cfg.weak_label_teacher)
+    if parallel.is_main():
+        failed = [p["premise"] for p in premises if not p["pass"]]
+        print(f"test-bed premises (toy.premises, {len(setup.test)} test prompts): "
+              + ("all hold" if not failed else f"{len(failed)} of {len(premises)} fail: {', '.join(failed)}"))
+        for p in premises:
+            print(f"  {'ok  ' if p['pass'] else 'FAIL'} {p['premise']:<24} {p['value']:.3f}  "
+                  f"({'reported' if p['op'] == 'report' else p['op'] + ' ' + str(p['threshold'])})")
+    return premises
+
+
+def write_results(cfg, run, setup, evals, final, premises, method):
+    """OUT/results.json (and signal.png) of one method's run: mean score per round and agent, per prompt kind,
+    the premises, the final checkpoints and the training signal -> (results, results_by_kind)."""
+    gold = evaluate.gold_scores if cfg.task == "toy" else None
+    per_prompt = {r: {a: scores(run, stage, gold) for a, stage in row.items()} for r, row in evals.items()}
+    results = {r: {a: None if v is None else statistics.fmean(v) for a, v in row.items()}
+               for r, row in per_prompt.items()}
+    test_prompts = [ex.prompt for ex in setup.test]             # the order of every eval stage's generations
+    by_kind = {r: {a: kind_means(v, test_prompts, kind_of(cfg)) for a, v in row.items()}
+               for r, row in per_prompt.items()}
+    blocks = signal_blocks(cfg, run, setup, evals)
+    first = next(iter(blocks), None)         # the first scorer's block also sits at the top level
+    write_json(run.out / "results.json", {"metric": "gold reward" if cfg.task == "toy" else None, "method": method,
+                                          "results": results, "results_by_kind": by_kind, "premises": premises,
+                                          "final": {a: run.name(p) for a, p in final.items()},
+                                          "signal_scorer": first, **(blocks[first] if first else {}),
+                                          "signal_by_scorer": blocks})
+    if first and blocks[first]["signal"] and parallel.is_main():
+        try:
+            plot_signal(blocks[first]["signal"], run.out / "signal.png", first, f"training signal: {method}")
+        except ImportError:
+            print("matplotlib is not installed: no signal.png (pip install matplotlib)", file=sys.stderr)
+    return results, by_kind
+
+
+def format_table(results, teachers):
+    """Mean score per agent (columns) after init, each round and the ceiling (rows), as a Markdown table."""
+    cols = teachers + ["student"]
+    return markdown_table(["stage"] + cols, [[stage] + ["-" if row.get(c) is None else f"{row[c]:.3f}" for c in cols]
+                                             for stage, row in results.items()]).rstrip("\n")
+
+
+def format_kind_table(by_kind):
+    """{stage: {agent: {kind: mean}}} -> a Markdown table, one row per stage and agent, one column per kind."""
+    kinds = list(dict.fromkeys(k for row in by_kind.values() for v in row.values() if v for k in v))
+    return markdown_table(["stage", "agent"] + kinds, [
+        [stage, agent] + [f"{v[k]:.3f}" if k in v else "-" for k in kinds]
+        for stage, row in by_kind.items() for agent, v in row.items() if v]).rstrip("\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table: every method and ablation on the same seeds, each seed one run folder (OUT/seed{S}) whose bases,
+# init stages and round-1 samples are computed once and shared by every method.
+
+TABLE_METHODS = {        # name: the flags that differ from MACPO's
+    "macpo": {}, "sft": {"method": "sft"}, "confident": {"method": "confident"}, "spin": {"method": "spin"},
+    "self_reward": {"method": "self_reward"}, "macpo-mp": {"mutual_positives": False},
+    "macpo-hn": {"hard_negatives": False}, "macpo-k1": {"n_teachers": 1}, "macpo-k2": {"n_teachers": 2},
+    "macpo-base": {"reference": "base"}}        # MACPO with the release's DPO reference, the raw base model
+
+
+def parse_table_args(argv):
+    """`python macpo.py table --seeds 0,1,2 --methods macpo,sft,... [run flags]` -> (its own flags, the rest)."""
+    extra = argparse.ArgumentParser(prog="macpo.py table", add_help=False)
+    extra.add_argument("--seeds", default="0,1,2", help="one run folder per seed: OUT/seed{S}")
+    extra.add_argument("--methods", default=",".join(TABLE_METHODS), help=f"of {', '.join(TABLE_METHODS)}")
+    extra.add_argument("--scorer", default="gold", help="gold (toy task) or a reward model name or folder")
+    extra.add_argument("--tie_margin", type=float, default=0.0, help="win-rate score differences up to this tie")
+    args, rest = extra.parse_known_args(argv)
+    unknown = [m for m in args.methods.split(",") if m not in TABLE_METHODS]
+    if unknown:
+        sys.exit(f"error: unknown --methods {', '.join(unknown)}; choose from {', '.join(TABLE_METHODS)}")
+    return args, rest
+
+
+def table(cfg, seeds, methods, initialise, ceiling_stage, run_methods, scorer_name="gold", tie_margin=0.0):
+    """`methods` (TABLE_METHODS names) for every seed -> the text of OUT/results.md, also written with
+    OUT/rounds.png and OUT/table.json. Algorithm 1 comes in from macpo.py (which this module does not import):
+    initialise, ceiling_stage and run_methods ({--method: (cfg, run, setup, prefix) -> (evals, final)})."""
+    t0 = time.time()
+    scorer = evaluate.make_scorer(scorer_name, cfg.device, cfg.score_batch_size, cfg.max_length)
+    per_seed, reference = {m: {} for m in methods}, {}
+    cache = str(toy.base_cache(cfg))     # every seed's folder is OUT/seed{S}; the toy bases sit beside OUT
+    for seed in seeds:
+        seed_cfg = dataclasses.replace(cfg, seed=seed, out=str(Path(cfg.out) / f"seed{seed}"), toy_base_cache=cache)
+        run = Run(seed_cfg)
+        # the seed's shared agents first: the weak supervisor, the ceiling, the bed's premises (printed)
+        setup = initialise(seed_cfg, run)
+        ceiling = ceiling_stage(seed_cfg, run, setup)
+        premises = check_premises(seed_cfg, run, setup, ceiling if cfg.ceiling else None)
+        test_prompts = [ex.prompt for ex in setup.test]
+        blocks = signal_blocks(seed_cfg, run, setup, {})
+        weak = scores(run, setup.evals[setup.teachers[cfg.weak_label_teacher]], scorer)
+        ceiling = scores(run, ceiling, scorer)
+        reference[seed] = {"weak": statistics.fmean(weak), "ceiling": statistics.fmean(ceiling),
+                           "weak_kinds": kind_means(weak, test_prompts, kind_of(cfg)),
+                           "ceiling_kinds": kind_means(ceiling, test_prompts, kind_of(cfg)),
+                           "negatives": {name: b["negatives"] for name, b in blocks.items()},
+                           "weak_labels": {name: b["weak_labels"] for name, b in blocks.items()},
+                           "premises": premises}
+        for m in methods:
+            method_cfg = dataclasses.replace(seed_cfg, **TABLE_METHODS[m])
+            setup = initialise(method_cfg, run)
+            evals, _ = run_methods[method_cfg.method](method_cfg, run, setup, "" if m == "macpo" else f"{m}/")
+            means = mean_scores(run, evals, scorer)
+            blocks = signal_blocks(method_cfg, run, setup, evals)
+            per_seed[m][seed] = {
+                "rounds": [{"student": row["student"], "teachers": statistics.fmean(
+                    row.get(n, means["init"][n]) for n in setup.teachers)} for row in means.values()],
+                "scores": (final := scores(run, evals[list(evals)[-1]]["student"], scorer)),
+                "kinds": kind_means(final, test_prompts, kind_of(method_cfg)),
+                "signal": {name: b["signal"] for name, b in blocks.items()}}
+        del run
+    return write_table(cfg, seeds, methods, per_seed, reference, scorer_name, tie_margin, time.time() - t0)
+
+
+def write_table(cfg, seeds, methods, per_seed, reference, scorer_name, tie_margin, seconds):
+    """OUT/table.json, OUT/results.md (-> its text), OUT/rounds.png and OUT/signal.png from the table's numbers."""
+    summary = evaluate.summarise(per_seed, reference, "macpo", tie_margin)
+    out = Path(cfg.out)
+    write_json(out / "table.json", {"per_seed": per_seed, "reference": reference, "summary": summary})
+    header = (f"# Weak-to-strong results: {cfg.task}, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
+              f"K = {cfg.K} teachers, T = {cfg.T} rounds, scorer: {scorer_name}\n\n"
+              f"Sizes: {cfg.n_init} init / {cfg.n_w2s} weak-to-strong / {cfg.n_test} test prompts. "
+              f"Wall time {seconds:.0f} s. Written by `python macpo.py table` (run.sh table); "
+              f"per-seed numbers in table.json, the plot in rounds.png.")
+    text = evaluate.results_markdown(summary, header, tie_margin)
+    if all(reference[sd]["premises"] for sd in seeds):
+        text += "\n" + evaluate.premises_markdown({sd: reference[sd]["premises"] for sd in seeds},
+                                                  summary["weak"], summary["ceiling"], cfg.n_test)
+    if kind_of(cfg):
+        text += "\n" + evaluate.kinds_markdown({m: [per_seed[m][sd]["kinds"] for sd in seeds] for m in methods},
+                                               [reference[sd]["weak_kinds"] for sd in seeds],
+                                               [reference[sd]["ceiling_kinds"] for sd in seeds])
+    signal_name = next(iter(per_seed[methods[0]][seeds[0]]["signal"]), None)    # none on ranks that do not write
+    if signal_name:                 # what each method trained on, mean over seeds
+        signal = {m: mean_over_seeds([per_seed[m][sd]["signal"][signal_name] for sd in seeds]) for m in methods}
+        twins = {a: statistics.fmean(reference[sd]["negatives"][signal_name][a] for sd in seeds)
+                 for a in reference[seeds[0]]["negatives"][signal_name]}
+        text += ("\n" + table_markdown(signal, signal_name) + "\nWeak labels' mean score: "
+                 f"{statistics.fmean(reference[sd]['weak_labels'][signal_name] for sd in seeds):.3f}; the negative "
+                 "twins' outputs (the hard negatives): " + ", ".join(f"{a} {v:.3f}" for a, v in twins.items())
+                 + " (mean over seeds).\n")
+        if "macpo" in signal and signal["macpo"] and parallel.is_main():
+            try:
+                plot_signal(signal["macpo"], out / "signal.png", signal_name, "training signal: MACPO, mean over seeds")
+            except ImportError:
+                pass                # said once below, for rounds.png
+    write_text(out / "results.md", text)
+    try:
+        evaluate.plot_rounds(summary, out / "rounds.png", "gold reward" if scorer_name == "gold" else scorer_name)
+    except ImportError:
+        print("matplotlib is not installed: no rounds.png (pip install matplotlib)", file=sys.stderr)
+    return text

@@ -79,7 +79,7 @@ case "$preset" in
     exec $PY macpo.py --out runs/paper --task hh-helpful --teachers "$PAPER_TEACHERS" --student "$PAPER_STUDENT" \
       --n_init 5000 --n_w2s 5000 --n_test 2000 --template vicuna $REAL "$@" ;;
   bench)     # speed of scoring, generation and the preference step vs the naive scripts, side by side (CPU, <10 min)
-    exec $PY bench.py "$@" ;;
+    exec $PY -m bench "$@" ;;
   test)
     exec $PY -m pytest tests -q "$@" ;;
   table)     # MACPO, naive SFT, confident loss, SPIN, self-rewarding, -MP, -HN, K = 1, 2, MACPO with the

@@ -1,32 +1,36 @@
 """The run folder and the stages MACPO and its baselines are built from.
 
 A stage is one unit of work whose outputs land in its own folder under --out: a checkpoint (sft_stage,
-dpo_stage), generations (generate_stage, samples, evaluate_stage) or the student's positives
-(select_positives_stage). Run.stage writes the folder under a temporary name, marks it DONE last and renames it,
+dpo_stage) or generations (generate_stage, samples, evaluate_stage). Every stage reads the same way:
+
+    if run.done(name):                  # finished by this run or an earlier one: read what it wrote
+        return run.out / name
+    folder = run.start(name)            # NAME.partial, fresh
+    ...                                 # load a model, train or generate, write into folder
+    return run.finish(name)             # DONE written last, then renamed to NAME
+
 so a killed run resumes from the last finished stage. `cfg` is macpo.Config (this module does not import
 macpo.py; the algorithm lives there).
 """
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
-
-import torch
 
 import data
 import evaluate
 import lora
 import parallel
-from generate import generate, perplexity
-from train import TrainSettings, load_model, load_sharded, reference_logps, save_model, train
+from data import ModelLoadError, read_jsonl
+from generate import generate, reference_logps
+from sharding import load_sharded
+from train import TrainSettings, check_model, load_model, save_model, train
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,7 +49,7 @@ class RunError(RuntimeError):
 
 class Run:
     def __init__(self, cfg):
-        self.cfg, self.out, self.order = cfg, Path(cfg.out).resolve(), []
+        self.cfg, self.out, self.order, self._started = cfg, Path(cfg.out).resolve(), [], {}
         self.out.mkdir(parents=True, exist_ok=True)
         # judges every pair a stage trains on; only rank 0 writes the pair files, so only it scores
         self.score = evaluate.ScoreCache(signal_scorers(cfg) if parallel.is_main() else {})
@@ -73,23 +77,29 @@ class Run:
                                f"resume with the same flags, or pass a different --out")
         write_json(saved, config)
 
-    def stage(self, name, build):
-        """Run build(folder) unless stage `name` is done; return the finished folder."""
-        final = self.out / name
+    def done(self, name):
+        """Is stage `name` finished (DONE inside its folder)? Either way it takes its place in metrics.jsonl."""
         if name not in self.order:          # the table asks for shared stages once per method
             self.order.append(name)
-        if (final / "DONE").exists():
-            return final
-        tmp = final.with_name(final.name + ".partial")
+        return (self.out / name / "DONE").exists()
+
+    def start(self, name):
+        """A fresh temporary folder for stage `name` (NAME.partial) -> its path. Under torchrun every rank runs
+        the stage; rank 0 writes its files."""
+        tmp = self.out / f"{name}.partial"
         if parallel.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        parallel.barrier()                  # under torchrun every rank builds the stage; rank 0 writes its files
-        t0 = time.time()
-        build(tmp)
+        parallel.barrier()
+        self._started[name] = time.time()
+        return tmp
+
+    def finish(self, name):
+        """Mark stage `name` DONE (last, with its time) and rename NAME.partial to NAME -> the finished folder."""
+        final, tmp = self.out / name, self.out / f"{name}.partial"
         parallel.barrier()
         if parallel.is_main():
-            (tmp / "DONE").write_text(f"{time.time() - t0:.1f} s\n")
+            (tmp / "DONE").write_text(f"{time.time() - self._started.pop(name):.1f} s\n")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             self.collect_metrics()
@@ -148,10 +158,6 @@ def write_jsonl(path, rows):
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Stages. Every model goes to and from disk between stages (save_pretrained, safetensors), so only the models
 # a stage needs are in memory and any stage can be resumed alone. Rows are (prompt turns, chosen, rejected);
@@ -166,15 +172,12 @@ def render(cfg, turns, tokenizer):
     return data.render_prompt(turns, cfg.template, tokenizer, None if cfg.system == "default" else cfg.system)
 
 
-def _sharded(cfg):
-    return cfg.parallel == "fsdp" and parallel.world_size() > 1
-
-
 def load_agent(cfg, path, new_lora=None):
     """The model at `path` (new_lora: fresh adapters added, lora.add_lora's arguments). Under torchrun with
-    --parallel fsdp it is loaded sharded (train.load_sharded: no rank holds it whole, a LoRA checkpoint's base
-    included) and every pass runs through its FSDP root."""
-    load = load_sharded if _sharded(cfg) else load_model
+    --parallel fsdp it is loaded sharded (sharding.load_sharded: no rank holds it whole, a LoRA checkpoint's
+    base included) and every pass runs through its FSDP root."""
+    sharded = cfg.parallel == "fsdp" and parallel.world_size() > 1
+    load = load_sharded if sharded else load_model
     return load(str(path), cfg.device, cfg.trust_remote_code, new_lora)
 
 
@@ -189,18 +192,12 @@ def _settings(cfg, name, **stage):
                          desc=name, **stage)
 
 
-def _uses_lora(cfg, name):
-    """Does the agent trained in stage `name` ("init/teacher0_neg", "round2/student", ...) train adapters?"""
-    agent = name.split("/")[-1]
-    return cfg.lora == "all" or (cfg.lora != "none" and agent.startswith(cfg.lora.rstrip("s")))
-
-
-def _load_trainable(cfg, run, name, start):
-    """The model at `start`, ready to train in stage `name`: adapters added when the agent uses LoRA and the
-    checkpoint has none yet (a LoRA agent's later stages continue its adapters, as the release does), starting
-    from the stage's own seed (the same adapters in every process that runs this stage). Adapters are added
-    before any sharding, so that FSDP shards them with their layers."""
-    fresh = _uses_lora(cfg, name) and lora.base_model_of(start) is None
+def _load_trainable(cfg, run, name, start, use_lora):
+    """The model at `start`, ready to train in stage `name`. use_lora: the agent trains adapters, added here
+    when the checkpoint has none yet (a LoRA agent's later stages continue its adapters, as the release does),
+    starting from the stage's own seed (the same adapters in every process that runs this stage), before any
+    sharding, so that FSDP shards them with their layers."""
+    fresh = use_lora and lora.base_model_of(start) is None
     return load_agent(cfg, start, (tuple(cfg.lora_targets.split(",")), cfg.lora_rank, cfg.lora_alpha,
                                    cfg.lora_dropout, run.seed(name)) if fresh else None)
 
@@ -211,63 +208,70 @@ def _save(cfg, model, tokenizer, folder):
         save_model(lora.merge_adapters(model), tokenizer, folder / "merged")
 
 
-def sft_stage(cfg, run, name, start, rows, epochs, kind="sft", lr=None):
-    """Supervised fine-tuning of the model at `start` on rows' chosen responses, at `lr` (default --sft_lr)
-    -> checkpoint folder. kind="confident": with Burns et al.'s auxiliary confidence loss instead (the
-    confident baseline)."""
-    def build(folder):
-        model, tokenizer = _load_trainable(cfg, run, name, start)
-        rendered = [(render(cfg, turns, tokenizer), chosen, None) for turns, chosen, _ in rows]
-        with _log_file(folder) as log:
-            train(model, tokenizer, rendered, _settings(cfg, name, kind=kind, epochs=epochs, lr=lr or cfg.sft_lr,
-                                                        seed=run.seed(name)), log_file=log)
-        _save(cfg, model, tokenizer, folder)
-    return run.stage(name, build)
+def sft_stage(cfg, run, name, start, rows, epochs, use_lora, lr=None, kind="sft"):
+    """Supervised fine-tuning of the model at `start` on rows' chosen responses, at `lr` (default --sft_lr);
+    use_lora: the agent trains adapters instead of all weights -> checkpoint folder. kind="confident": Burns
+    et al.'s auxiliary confidence loss instead (the confident baseline)."""
+    if run.done(name):
+        return run.out / name
+    folder = run.start(name)
+    model, tokenizer = _load_trainable(cfg, run, name, start, use_lora)
+    rendered = [(render(cfg, turns, tokenizer), chosen, None) for turns, chosen, _ in rows]
+    with _log_file(folder) as log:
+        train(model, tokenizer, rendered, _settings(cfg, name, kind=kind, epochs=epochs, lr=lr or cfg.sft_lr,
+                                                    seed=run.seed(name)), log_file=log)
+    _save(cfg, model, tokenizer, folder)
+    return run.finish(name)
 
 
-def dpo_stage(cfg, run, name, start, reference, rows):
-    """The contrastive update: macpo_loss (DPO + sft_weight x SFT on the positive) on (prompt, positive,
-    negative) rows, continuing from `start`; reference log-probs from the model at `reference`, computed once
-    before training -> checkpoint folder. NAME/pairs.jsonl keeps every pair given, whether it was trained on
-    (--identical_pairs) and, with a scorer, both sides' scores (report.py reads them)."""
-    def build(folder):
-        turns, chosen, rejected = zip(*rows) if rows else ((), (), ())
-        chosen_scores, rejected_scores = scored(run, turns, chosen), scored(run, turns, rejected)
-        # A pair whose two sides are the same string contrasts nothing: its DPO gradient is exactly zero, so
-        # keeping it only adds SFT on a response the agent's negative twin also wrote. The paper is silent.
-        trained = [cfg.identical_pairs == "keep" or c != r for c, r in zip(chosen, rejected)]
-        write_jsonl(folder / "pairs.jsonl", [
-            {"i": i, "prompt": turns[i], "chosen": chosen[i], "rejected": rejected[i], "trained": trained[i],
-             "chosen_score": chosen_scores[i], "rejected_score": rejected_scores[i]} for i in range(len(rows))])
-        pairs = [row for row, keep in zip(rows, trained) if keep]
-        model, tokenizer = _load_trainable(cfg, run, name, start)
-        if not pairs:                       # nothing to learn from: the agent goes on unchanged
-            print(f"{name}: no pair to train on ({len(rows)} given, every one identical; --identical_pairs drop)",
-                  file=sys.stderr)
-            _save(cfg, model, tokenizer, folder)
-            return
-        rendered = [(render(cfg, turns, tokenizer), pos, neg) for turns, pos, neg in pairs]
-        kw = dict(batch_size=cfg.score_batch_size, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-        if str(reference) == str(start):
-            ref = reference_logps(model, tokenizer, rendered, **kw)
-        elif lora.lora_modules(model) and str(reference) == model.name_or_path:
-            with lora.adapters_disabled(model):         # the release's reference: the base, adapters off
-                ref = reference_logps(model, tokenizer, rendered, **kw)
-        else:
-            reference_model, reference_tokenizer = load_agent(cfg, reference)
-            ref = reference_logps(reference_model, reference_tokenizer, rendered, **kw)
-            del reference_model
-        with _log_file(folder) as log:
-            train(model, tokenizer, rendered, _settings(cfg, name, kind="dpo", epochs=cfg.dpo_epochs, lr=cfg.dpo_lr,
-                                                        seed=run.seed(name)), reference=ref, log_file=log)
+def dpo_stage(cfg, run, name, start, rows, reference, use_lora):
+    """The contrastive update: DPO + sft_weight x SFT on the positive (train.train) on rows (prompt, positive,
+    negative), continuing from the model at `start` -> checkpoint folder. use_lora: the agent trains adapters.
+    reference, the DPO reference, whose log-probs are computed once before training: "start" (the model at
+    `start`), "adapters_off" (its base: the LoRA model with its adapters off) or a checkpoint folder.
+    NAME/pairs.jsonl keeps every pair given, whether it was trained on (--identical_pairs) and, with a
+    scorer, both sides' scores (report.py reads them)."""
+    if run.done(name):
+        return run.out / name
+    folder = run.start(name)
+    turns, chosen, rejected = zip(*rows) if rows else ((), (), ())
+    chosen_scores, rejected_scores = scored(run, turns, chosen), scored(run, turns, rejected)
+    # A pair whose two sides are the same string contrasts nothing: its DPO gradient is exactly zero, so
+    # keeping it only adds SFT on a response the agent's negative twin also wrote. The paper is silent.
+    trained = [cfg.identical_pairs == "keep" or c != r for c, r in zip(chosen, rejected)]
+    write_jsonl(folder / "pairs.jsonl", [
+        {"i": i, "prompt": turns[i], "chosen": chosen[i], "rejected": rejected[i], "trained": trained[i],
+         "chosen_score": chosen_scores[i], "rejected_score": rejected_scores[i]} for i in range(len(rows))])
+    pairs = [row for row, keep in zip(rows, trained) if keep]
+    model, tokenizer = _load_trainable(cfg, run, name, start, use_lora)
+    if not pairs:                       # nothing to learn from: the agent goes on unchanged
+        print(f"{name}: no pair to train on ({len(rows)} given, every one identical; --identical_pairs drop)",
+              file=sys.stderr)
         _save(cfg, model, tokenizer, folder)
-    return run.stage(name, build)
+        return run.finish(name)
+    rendered = [(render(cfg, prompt, tokenizer), positive, negative) for prompt, positive, negative in pairs]
+    kw = dict(batch_size=cfg.score_batch_size, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    if reference == "start":
+        reference_logps_ = reference_logps(model, tokenizer, rendered, **kw)
+    elif reference == "adapters_off":
+        with lora.adapters_disabled(model):
+            reference_logps_ = reference_logps(model, tokenizer, rendered, **kw)
+    else:
+        reference_model, reference_tokenizer = load_agent(cfg, reference)
+        reference_logps_ = reference_logps(reference_model, reference_tokenizer, rendered, **kw)
+        del reference_model
+    with _log_file(folder) as log:
+        train(model, tokenizer, rendered, _settings(cfg, name, kind="dpo", epochs=cfg.dpo_epochs, lr=cfg.dpo_lr,
+                                                    seed=run.seed(name)), reference=reference_logps_, log_file=log)
+    _save(cfg, model, tokenizer, folder)
+    return run.finish(name)
 
 
 def generate_stage(cfg, run, name, agent, prompts, temperature=None):
     """One response per prompt from the model at `agent`, sampled at `temperature` (default --temperature;
-    0 = greedy) -> list of strings (saved as generations.jsonl)."""
-    def build(folder):
+    0 = greedy) -> list of strings (saved as NAME/generations.jsonl)."""
+    if not run.done(name):
+        folder = run.start(name)
         model, tokenizer = load_agent(cfg, agent)
         texts = generate(model, tokenizer, [render(cfg, turns, tokenizer) for turns in prompts],
                          max_new_tokens=cfg.max_new_tokens,
@@ -276,7 +280,8 @@ def generate_stage(cfg, run, name, agent, prompts, temperature=None):
                          max_prompt_length=cfg.max_prompt_length, desc=name)
         write_jsonl(folder / "generations.jsonl", [{"i": i, "agent": run.name(agent), "prompt": turns, "response": text}
                                                    for i, (turns, text) in enumerate(zip(prompts, texts))])
-    return [r["response"] for r in read_jsonl(run.stage(name, build) / "generations.jsonl")]
+        run.finish(name)
+    return [r["response"] for r in read_jsonl(run.out / name / "generations.jsonl")]
 
 
 def samples(cfg, run, agent, prompts, j=0):
@@ -285,40 +290,10 @@ def samples(cfg, run, agent, prompts, j=0):
     return generate_stage(cfg, run, f"{run.name(agent)}/samples{j or ''}", agent, prompts)
 
 
-def select_positives_stage(cfg, run, name, student, prompts, teacher_responses, teacher_names):
-    """Mutual positive behaviour augmentation, the student's side:
-
-        y+_i = argmin_k PPL_student(y_i^k | x_i)   over the K teachers' responses to prompt x_i
-
-    -> the positive response per prompt, saved (NAME/pairs.jsonl) with every perplexity, which teacher wrote it
-    and, with a scorer, the score of every candidate (report.py: the pick against the best and a random one).
-    The pair it goes into, negative included, is kept by the DPO stage that trains on it."""
-    def build(folder):
-        model, tokenizer = load_agent(cfg, student)
-        rendered = [render(cfg, turns, tokenizer) for turns in prompts]
-        # all K x N pairs in one call, so that the K responses to a prompt are scored after one pass of it
-        flat = perplexity(model, tokenizer, rendered * len(teacher_responses), sum(teacher_responses, []),
-                          batch_size=cfg.score_batch_size, max_length=cfg.max_length,
-                          max_prompt_length=cfg.max_prompt_length, progress=True)
-        ppl = [flat[k * len(prompts):(k + 1) * len(prompts)] for k in range(len(teacher_responses))]     # [K][N]
-        candidate = [scored(run, prompts, responses) for responses in teacher_responses]             # [K][N]
-        rows = []
-        for i, turns in enumerate(prompts):
-            best = min(range(len(teacher_names)), key=lambda k: ppl[k][i])
-            rows.append({"i": i, "prompt": turns, "chosen": teacher_responses[best][i],
-                         "chosen_by": teacher_names[best],
-                         "perplexities": {n: ppl[k][i] for k, n in enumerate(teacher_names)},
-                         "scored_by": run.name(student), "chosen_score": candidate[best][i],
-                         "candidate_scores": {s: {n: candidate[k][i][s] for k, n in enumerate(teacher_names)}
-                                              for s in candidate[best][i]}})
-        write_jsonl(folder / "pairs.jsonl", rows)
-    return [r["chosen"] for r in read_jsonl(run.stage(name, build) / "pairs.jsonl")]
-
-
 def evaluate_stage(cfg, run, name, agent, test):
     """Greedy test generations of one agent (NAME/generations.jsonl) -> the stage name, or None when evaluation
-    is off. Scoring reads the saved generations (`scores`: the toy task's gold reward, or a reward model via
-    `python macpo.py eval` / the table)."""
+    is off. Scoring reads the saved generations (report.scores: the toy task's gold reward, or a reward model
+    via `python macpo.py eval` / the table)."""
     if not cfg.evaluate or not test:
         return None
     generate_stage(cfg, run, name, agent, [ex.prompt for ex in test], cfg.eval_temperature)
@@ -326,133 +301,27 @@ def evaluate_stage(cfg, run, name, agent, test):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The toy task's agents: tiny Llamas built from configs over a tokenizer trained on the task's text, their
-# bases pre-trained on plain text, each on its own share of the knowledge (toy.py). Like released base models
-# they depend on their recipe only, not on the run's seed: they are built once into a cache folder named by a
-# hash of the recipe (--toy_base_cache, default OUT/../toy_bases), where every later run, seed and method of
-# the table finds them, and copied into the run folder (bases/NAME) so that a run folder stands alone.
+# Before any training: every dataset file and model the run names, and the task's data.
 
-TOY_BASES_VERSION = 5           # bump when toy.py's corpus, tokenizer or model changes what a recipe builds
+def check_models(cfg):
+    """Every teacher and the student exist (config and tokenizer load) and the prompt template fits in
+    --max_prompt_length with each one's tokenizer: checked before any training, not when the stage comes.
+    -> the error of every model that cannot be found (the caller names them in one error, with the dataset
+    files still missing)."""
+    missing = []
+    for name in cfg.teachers.split(",") + [cfg.student]:
+        try:
+            tokenizer = check_model(name, cfg.trust_remote_code)
+        except ModelLoadError as e:
+            missing.append(str(e))
+            continue
+        n = len(tokenizer(render(cfg, [{"role": "user", "content": ""}], tokenizer))["input_ids"])
+        if n >= cfg.max_prompt_length:
+            raise data.DataError(f"--max_prompt_length {cfg.max_prompt_length} leaves no room for a prompt: the "
+                                 f"{cfg.template} template alone is {n} tokens with {name}'s tokenizer; raise "
+                                 f"--max_prompt_length (and --max_length) above {n}, or pass --system ''")
+    return missing
 
-
-def toy_recipes(cfg):
-    """-> {name: recipe} for "tokenizer", "teacher0".. and "student": everything that decides the weights."""
-    import toy
-    steps = [int(x) for x in cfg.toy_teacher_pretrain_steps.split(",")[:cfg.K]]
-    sizes, ops = cfg.toy_teacher_sizes.split(",")[:cfg.K], cfg.toy_teacher_ops.split(",")[:cfg.K]
-    common = {"version": TOY_BASES_VERSION, "seed": cfg.toy_base_seed, "lr": cfg.toy_pretrain_lr,
-              "max_length": cfg.max_length}
-    recipes = {"tokenizer": {"version": TOY_BASES_VERSION, "seed": cfg.toy_base_seed}}
-    for k in range(cfg.K):
-        recipes[f"teacher{k}"] = dict(common, size=sizes[k], ops=ops[k], steps=steps[k],
-                                      batch_size=cfg.toy_pretrain_batch_size)
-    recipes["student"] = dict(common, size=cfg.toy_student_size, ops="".join(toy.OPS),
-                              steps=cfg.toy_student_pretrain_steps, batch_size=cfg.toy_student_pretrain_batch_size)
-    return recipes
-
-
-def recipe_hash(recipe):
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def toy_base_cache(cfg):
-    """The cache folder: --toy_base_cache, or toy_bases beside the run folder (runs/toy -> runs/toy_bases)."""
-    return Path(cfg.toy_base_cache or Path(cfg.out).resolve().parent / "toy_bases")
-
-
-def toy_base_folders(cfg):
-    """-> {name: its cache folder, NAME-HASH ("teacher0" -> teacher-<hash>: teachers with one recipe share it)}."""
-    cache = toy_base_cache(cfg)
-    return {name: cache / f"{name.rstrip('0123456789')}-{recipe_hash(r)}" for name, r in toy_recipes(cfg).items()}
-
-
-def _pretrain_base(job):
-    """Pre-train one toy base into job["folder"] (a fresh temporary folder): language modelling of the
-    continuation given its context, one pass over fresh rows of toy.pretraining_corpus. Top level, so that a
-    worker process can run it."""
-    import toy
-    from transformers import AutoTokenizer, LlamaForCausalLM
-    torch.set_num_threads(job["threads"])
-    recipe, folder = job["recipe"], Path(job["folder"])
-    tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
-    hidden, layers = (int(x) for x in recipe["size"].split("x"))
-    seed = zlib.crc32(recipe_hash(recipe).encode())
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(toy.model_config(tokenizer, hidden, layers))
-    corpus = toy.pretraining_corpus(f"{recipe['seed']}-{recipe['ops']}", recipe["steps"] * recipe["batch_size"],
-                                    tuple(recipe["ops"]))
-    with open(folder / "metrics.jsonl", "w") as log:
-        train(model, tokenizer, [(c, y, None) for c, y in corpus],
-              TrainSettings(kind="sft", epochs=1, lr=recipe["lr"], batch_size=recipe["batch_size"],
-                            max_length=recipe["max_length"], warmup_ratio=0.05, seed=seed, log_every=50,
-                            desc=job["desc"], parallel_mode="none", length_window=1), log_file=log)
-    save_model(model, tokenizer, folder)
-    write_json(folder / "recipe.json", recipe)
-
-
-def _build_cache(cfg):
-    """Every base whose recipe is not in the cache yet, pre-trained there, two at a time in worker processes
-    (each on one core: these models are too small to use two, so two processes are about twice as fast)."""
-    import toy
-    recipes, folders = toy_recipes(cfg), toy_base_folders(cfg)
-    cache = toy_base_cache(cfg)
-    cache.mkdir(parents=True, exist_ok=True)
-    if not (folders["tokenizer"] / "DONE").exists():
-        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
-        toy.train_tokenizer(toy.tokenizer_texts(toy.pretraining_corpus(f"{recipes['tokenizer']['seed']}-tokenizer",
-                                                                      5000))).save_pretrained(tmp)
-        _publish(tmp, folders["tokenizer"])
-    todo = [n for n in recipes if n != "tokenizer" and not (folders[n] / "DONE").exists()]
-    jobs = sorted(({"recipe": recipes[n], "folder": tempfile.mkdtemp(dir=cache, prefix=".tmp-"), "name": n,
-                    "tokenizer": str(folders["tokenizer"]),
-                    "desc": f"pre-train {n} ({recipes[n]['size']}, {recipes[n]['ops']})"} for n in todo),
-                  key=lambda j: -j["recipe"]["steps"] * j["recipe"]["batch_size"])      # the longest first
-    workers = max(1, min(cfg.toy_pretrain_workers, len(jobs)))
-    for job in jobs:
-        job["threads"] = max(1, (os.cpu_count() or 1) // workers)
-    if workers == 1 and parallel.world_size() == 1:     # under torchrun a worker keeps training out of the group
-        for job in jobs:
-            _pretrain_base(job)
-    else:
-        import concurrent.futures
-        import multiprocessing
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            list(pool.map(_pretrain_base, jobs))          # re-raises a worker's error here
-    for job in jobs:
-        _publish(Path(job["folder"]), folders[job["name"]])
-
-
-def _publish(tmp, final):
-    """Mark a finished cache folder DONE and move it into place (another process may have been first)."""
-    (tmp / "DONE").write_text("")
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def toy_bases(cfg, run):
-    """-> {agent: its base folder} in the run folder (bases/NAME), copied from the cache,
-    which is built first where it lacks a recipe (--toy_rebuild_bases: always)."""
-    folders = toy_base_folders(cfg)
-    if parallel.is_main():
-        if cfg.toy_rebuild_bases and not (run.out / "bases" / "student" / "DONE").exists():
-            for folder in folders.values():
-                shutil.rmtree(folder, ignore_errors=True)
-        _build_cache(cfg)
-    parallel.barrier()
-
-    def copy(name):
-        def build(folder):
-            if parallel.is_main():
-                shutil.copytree(folders[name], folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
-        return run.stage(f"bases/{name}", build)
-    copy("tokenizer")
-    return {a: copy(a) for a in [f"teacher{k}" for k in range(cfg.K)] + ["student"]}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Data: (init, w2s, test) lists of data.Example.
 
 def dataset_requests(cfg):
     """The hub dataset files the task reads: [(name, subset, split)] ([] for the toy task and --data_file)."""
@@ -463,6 +332,7 @@ def dataset_requests(cfg):
 
 
 def load_task(cfg):
+    """-> (init, w2s, test): lists of data.Example (D_init with gold pairs, Q_w2s, the test prompts)."""
     if cfg.task == "toy":
         import toy
         try:

@@ -23,14 +23,24 @@ released models, which every seed of a paper's table shares), and are cached by 
 
     python -c "import toy; i, w, t = toy.make_task(0, 1500, 1500, 1200); print(i[0])"
 """
+import hashlib
+import json
+import os
 import random
 import re
+import shutil
 import statistics
+import tempfile
+import zlib
+from pathlib import Path
 
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import parallel
 from data import Example
+from train import TrainSettings, save_model, train
 
 # ---------------------------------------------------------------------------------------------------------
 # The task. Three operations a 64x2 model learns to ~0.97 in 1,000 steps of batch 64 from scratch (one
@@ -360,3 +370,128 @@ def premises(test_prompts, measured, negatives, weak_label_teacher=0):
         out.append({"premise": f"{agent}_neg well formed", "value": statistics.fmean(
             well_formed(p, r) for p, r in zip(prompts, twin)), "op": "report", "threshold": None, "pass": True})
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The agents' bases: tiny Llamas built from model_config over the tokenizer above, pre-trained on
+# pretraining_corpus, each on its own share of the knowledge. Like released base models
+# they depend on their recipe only, not on the run's seed: they are built once into a cache folder named by a
+# hash of the recipe (--toy_base_cache, default OUT/../toy_bases), where every later run, seed and method of
+# the table finds them, and copied into the run folder (bases/NAME) so that a run folder stands alone.
+
+BASES_VERSION = 5           # bump when this file's corpus, tokenizer or model changes what a recipe builds
+
+
+def base_recipes(cfg):
+    """-> {name: recipe} for "tokenizer", "teacher0".. and "student": everything that decides the weights."""
+    steps = [int(x) for x in cfg.toy_teacher_pretrain_steps.split(",")[:cfg.K]]
+    sizes, ops = cfg.toy_teacher_sizes.split(",")[:cfg.K], cfg.toy_teacher_ops.split(",")[:cfg.K]
+    common = {"version": BASES_VERSION, "seed": cfg.toy_base_seed, "lr": cfg.toy_pretrain_lr,
+              "max_length": cfg.max_length}
+    recipes = {"tokenizer": {"version": BASES_VERSION, "seed": cfg.toy_base_seed}}
+    for k in range(cfg.K):
+        recipes[f"teacher{k}"] = dict(common, size=sizes[k], ops=ops[k], steps=steps[k],
+                                      batch_size=cfg.toy_pretrain_batch_size)
+    recipes["student"] = dict(common, size=cfg.toy_student_size, ops="".join(OPS),
+                              steps=cfg.toy_student_pretrain_steps, batch_size=cfg.toy_student_pretrain_batch_size)
+    return recipes
+
+
+def recipe_hash(recipe):
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def base_cache(cfg):
+    """The cache folder: --toy_base_cache, or toy_bases beside the run folder (runs/toy -> runs/toy_bases)."""
+    return Path(cfg.toy_base_cache or Path(cfg.out).resolve().parent / "toy_bases")
+
+
+def base_folders(cfg):
+    """-> {name: its cache folder, NAME-HASH ("teacher0" -> teacher-<hash>: teachers with one recipe share it)}."""
+    cache = base_cache(cfg)
+    return {name: cache / f"{name.rstrip('0123456789')}-{recipe_hash(r)}" for name, r in base_recipes(cfg).items()}
+
+
+def _pretrain_base(job):
+    """Pre-train one toy base into job["folder"] (a fresh temporary folder): language modelling of the
+    continuation given its context, one pass over fresh rows of pretraining_corpus. Top level, so that a
+    worker process can run it."""
+    torch.set_num_threads(job["threads"])
+    recipe, folder = job["recipe"], Path(job["folder"])
+    tokenizer = AutoTokenizer.from_pretrained(job["tokenizer"])
+    hidden, layers = (int(x) for x in recipe["size"].split("x"))
+    seed = zlib.crc32(recipe_hash(recipe).encode())
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(model_config(tokenizer, hidden, layers))
+    corpus = pretraining_corpus(f"{recipe['seed']}-{recipe['ops']}", recipe["steps"] * recipe["batch_size"],
+                                tuple(recipe["ops"]))
+    with open(folder / "metrics.jsonl", "w") as log:
+        train(model, tokenizer, [(c, y, None) for c, y in corpus],
+              TrainSettings(kind="sft", epochs=1, lr=recipe["lr"], batch_size=recipe["batch_size"],
+                            max_length=recipe["max_length"], warmup_ratio=0.05, seed=seed, log_every=50,
+                            desc=job["desc"], parallel_mode="none", length_window=1), log_file=log)
+    save_model(model, tokenizer, folder)
+    (folder / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+
+
+def _build_cache(cfg):
+    """Every base whose recipe is not in the cache yet, pre-trained there, two at a time in worker processes
+    (each on one core: these models are too small to use two, so two processes are about twice as fast)."""
+    recipes, folders = base_recipes(cfg), base_folders(cfg)
+    cache = base_cache(cfg)
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (folders["tokenizer"] / "DONE").exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
+        train_tokenizer(tokenizer_texts(pretraining_corpus(f"{recipes['tokenizer']['seed']}-tokenizer",
+                                                           5000))).save_pretrained(tmp)
+        _publish(tmp, folders["tokenizer"])
+    todo = [n for n in recipes if n != "tokenizer" and not (folders[n] / "DONE").exists()]
+    jobs = sorted(({"recipe": recipes[n], "folder": tempfile.mkdtemp(dir=cache, prefix=".tmp-"), "name": n,
+                    "tokenizer": str(folders["tokenizer"]),
+                    "desc": f"pre-train {n} ({recipes[n]['size']}, {recipes[n]['ops']})"} for n in todo),
+                  key=lambda j: -j["recipe"]["steps"] * j["recipe"]["batch_size"])      # the longest first
+    workers = max(1, min(cfg.toy_pretrain_workers, len(jobs)))
+    for job in jobs:
+        job["threads"] = max(1, (os.cpu_count() or 1) // workers)
+    if workers == 1 and parallel.world_size() == 1:     # under torchrun a worker keeps training out of the group
+        for job in jobs:
+            _pretrain_base(job)
+    else:
+        import concurrent.futures
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_pretrain_base, jobs))          # re-raises a worker's error here
+    for job in jobs:
+        _publish(Path(job["folder"]), folders[job["name"]])
+
+
+def _publish(tmp, final):
+    """Mark a finished cache folder DONE and move it into place (another process may have been first)."""
+    (tmp / "DONE").write_text("")
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bases(cfg, run):
+    """-> {agent: its base folder} in the run folder (bases/NAME), copied from the cache,
+    which is built first where it lacks a recipe (--toy_rebuild_bases: always)."""
+    folders = base_folders(cfg)
+    if parallel.is_main():
+        if cfg.toy_rebuild_bases and not (run.out / "bases" / "student" / "DONE").exists():
+            for folder in folders.values():
+                shutil.rmtree(folder, ignore_errors=True)
+        _build_cache(cfg)
+    parallel.barrier()
+
+    def copy(name):
+        stage = f"bases/{name}"
+        if not run.done(stage):
+            folder = run.start(stage)
+            if parallel.is_main():
+                shutil.copytree(folders[name], folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("DONE"))
+            run.finish(stage)
+        return run.out / stage
+    copy("tokenizer")
+    return {a: copy(a) for a in [f"teacher{k}" for k in range(cfg.K)] + ["student"]}

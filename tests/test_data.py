@@ -17,9 +17,11 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (DataError, Example, collate, collate_pairs, dataset_file, encode, encode_many,  # noqa: E402
+from data import (DataError, Example, collate, dataset_file, encode_many,  # noqa: E402
                   missing_dataset_files, paper_splits, read_any, read_hh, read_jsonl_pairs, read_llamafactory,
                   read_pku, render_prompt, splits_with_test_file, truncate_prompt)
+
+from tiny import encode  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -604,12 +606,12 @@ def test_truncate_prompt_keeps_bos_and_the_end():
     assert truncate_prompt([BOS, USER, ASSIST], 3, BOS) == [BOS, USER, ASSIST]              # short enough: unchanged
 
 
-def test_collate_pairs_layout_and_padding(tokenizer):
+def test_collate_of_pairs_layout_and_padding(tokenizer):
     chosen = [encode(tokenizer, "USER: hi ASSISTANT:", "fine thanks", 64),         # 4 + 3 = 7 tokens
               encode(tokenizer, "USER: how are you ASSISTANT:", "fine", 64)]       # 6 + 2 = 8 tokens
     rejected = [encode(tokenizer, "USER: hi ASSISTANT:", "thanks", 64),            # 4 + 2 = 6 tokens
                 encode(tokenizer, "USER: how are you ASSISTANT:", "there", 64)]    # 6 + 2 = 8 tokens
-    batch = collate_pairs(chosen, rejected, pad_id=PAD)
+    batch = collate(chosen + rejected, pad_id=PAD)        # chosen rows first: rows i and B + i are a pair
     assert batch["input_ids"].shape == (4, 8)
     assert batch["input_ids"].tolist() == [
         [BOS, USER, HI, ASSIST, FINE, THANKS, EOS, PAD],

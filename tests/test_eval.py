@@ -2,7 +2,6 @@
 tiny randomly initialised classifier against a one-at-a-time loop, and a very small `table` run end to end."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import evaluate
 import losses
 import toy
 
-from test_macpo import SMOKE
+from tiny import SMOKE
 
 
 # --- the confident loss (Burns et al. 2023, token level) ---------------------------------------------------

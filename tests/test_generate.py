@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from conftest import make_model
-from data import collate, encode
+from data import collate
+from tiny import encode, make_model
 from generate import (ScoredLM, generate, pack_rows, packed_logps, packed_sequence_logps, perplexity,
                       sequence_logps, length_sorted_batches)
 
@@ -154,7 +154,8 @@ def test_packable_checks_the_model_and_the_padded_fallback_is_exact(tokenizer, m
 
 def test_dpo_training_with_shared_prompts_equals_padded_pairs(tokenizer):
     import copy
-    from train import TrainSettings, reference_logps as train_reference_logps, train
+    from generate import reference_logps as train_reference_logps
+    from train import TrainSettings, train
     rows = list(zip(SHARED_PROMPTS[:6], SHARED_RESPONSES[:6], SHARED_RESPONSES[6:12]))
     start = make_model(tokenizer, seed=2)
     reference = train_reference_logps(start, tokenizer, rows, max_length=128)
@@ -179,7 +180,7 @@ def test_length_sorted_batches_bound_padding_and_batch_size():
 
 
 def test_reference_logps_of_chosen_and_rejected_equal_one_at_a_time(model, tokenizer):
-    from train import reference_logps as train_reference_logps
+    from generate import reference_logps as train_reference_logps
     rows = list(zip(SHARED_PROMPTS[:4], SHARED_RESPONSES[:4], SHARED_RESPONSES[4:8]))
     chosen, rejected = train_reference_logps(model, tokenizer, rows, batch_size=2, max_length=128)
     for (p, c, r), got_c, got_r in zip(rows, chosen.tolist(), rejected.tolist()):

@@ -7,8 +7,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lora import (LoRALinear, adapters_disabled, add_lora, load_adapters, lora_modules, lora_parameters,
-                  merge_adapters, save_adapters)
+from tiny import lora_parameters
+from lora import (LoRALinear, adapters_disabled, add_lora, load_adapters, lora_modules, merge_adapters, save_adapters)
 
 N_LAYERS = 2
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from losses import dpo_loss, macpo_loss, sft_loss, token_logps
+from losses import dpo_loss, sft_loss, token_logps
 
 
 def t(*xs):
@@ -70,14 +70,6 @@ def test_sft_loss_is_token_mean_and_empty_row_is_zero():
     assert torch.isfinite(out).all()
 
 
-def test_macpo_loss_is_dpo_plus_weighted_sft():
-    pc, pr, rc, rj, n = t(-4.0), t(-6.0), t(-5.0), t(-5.0), torch.tensor([4])
-    losses, stats = macpo_loss(pc, pr, rc, rj, n, beta=0.1, sft_weight=0.2)
-    dpo = math.log(1 + math.exp(-0.1 * 2))   # h = 2 - 0
-    assert losses.item() == pytest.approx(dpo + 0.2 * (4 / 4), abs=1e-6)
-    assert stats["accuracy"].item() == 1.0 and stats["margin"].item() == pytest.approx(0.1 * 1 - 0.1 * -1)
-
-
 def test_token_logps_matches_log_softmax_including_chunk_edges_and_bf16():
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 50) * 4
@@ -89,3 +81,29 @@ def test_token_logps_matches_log_softmax_including_chunk_edges_and_bf16():
     got16 = token_logps(logits.bfloat16(), targets)
     expected16 = torch.log_softmax(logits.bfloat16().double(), -1).gather(-1, targets[..., None]).squeeze(-1)
     assert torch.allclose(got16.double(), expected16, atol=1e-4)
+
+
+def test_the_update_is_dpo_plus_weighted_sft(tokenizer):
+    """train()'s preference step (kind "dpo") on one pair: its first logged loss is the DPO loss plus 0.2 x the
+    positive's token-mean NLL, with the log-probs computed here one sequence at a time (log_softmax), and the
+    reference log-probs set so that h = 2: loss = log(1 + e^(-0.1 x 2)) + 0.2 x NLL, accuracy 1, margin 0.2."""
+    from tiny import encode, make_model
+    from train import TrainSettings, train
+    model = make_model(tokenizer, seed=3)
+    prompt, chosen, rejected = "USER: What is 12 + 30? ASSISTANT:", "12 + 30 = 42.", "12 + 30 = 43."
+
+    def logp(response):                             # independent of generate.py: a plain forward and gather
+        ids, mask = encode(tokenizer, prompt, response, 64)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].double()
+        token = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+        return float((token * torch.tensor(mask[1:])).sum()), sum(mask)
+    (pc, n), (pr, _) = logp(chosen), logp(rejected)
+    reference = (torch.tensor([pc - 1.0]), torch.tensor([pr + 1.0]))        # h = (pc - pr) - (pc - 1 - pr - 1) = 2
+    logged = train(model, tokenizer, [(prompt, chosen, rejected)],
+                   TrainSettings(kind="dpo", lr=1e-9, batch_size=1, max_length=64, beta=0.1, sft_weight=0.2,
+                                 log_every=1, progress=False, share_prompts=False), reference=reference)
+    first = logged[0]
+    assert first["loss"] == pytest.approx(math.log(1 + math.exp(-0.1 * 2)) + 0.2 * (-pc / n), abs=1e-4)
+    assert first["dpo"] == pytest.approx(math.log(1 + math.exp(-0.2)), abs=1e-4)
+    assert first["accuracy"] == 1.0 and first["margin"] == pytest.approx(0.1 * 1 - 0.1 * -1, abs=1e-4)

@@ -14,15 +14,9 @@ import pytest
 import torch
 
 import macpo
+from tiny import SMALL, SMOKE
 
 ROOT = Path(__file__).resolve().parents[1]
-# the smoke preset's sizes (run.sh smoke): every stage runs, on tiny models, in well under a minute
-SMOKE = ["--task", "toy", "--n_teachers", "3", "--n_init", "48", "--n_w2s", "32", "--n_test", "16",
-         "--toy_teacher_sizes", "32x1,32x1,32x1", "--toy_student_size", "32x1",
-         "--toy_teacher_pretrain_steps", "4,4,4", "--toy_student_pretrain_steps", "8", "--toy_pretrain_batch_size", "16", "--toy_student_pretrain_batch_size", "16",
-         "--system", "", "--max_length", "64", "--max_prompt_length", "32", "--max_new_tokens", "10",
-         "--batch_size", "16", "--teacher_sft_epochs", "1", "--student_sft_epochs", "1", "--sft_lr", "2e-3",
-         "--dpo_lr", "2e-4", "--log_every", "1", "--device", "cpu"]
 ROUNDS = ["round1", "round2", "round3"]
 AGENTS = ["teacher0", "teacher1", "teacher2", "student"]
 
@@ -196,7 +190,7 @@ def test_identical_pairs_are_dropped_or_kept(run_dir, tmp_path, mode):
     cfg = macpo.parse_config(SMOKE + ["--out", str(tmp_path / mode), "--identical_pairs", mode])
     start = run_dir / "init" / "student"
     rows = [([{"role": "user", "content": "What is 12 + 30?"}], "12 + 30 = 42.", "12 + 30 = 42.")] * 4
-    folder = dpo_stage(cfg, Run(cfg), "round1/student", start, start, rows)
+    folder = dpo_stage(cfg, Run(cfg), "round1/student", start, rows, "start", use_lora=False)
     written = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
     assert [w["trained"] for w in written] == [mode == "keep"] * 4
     assert all(w["chosen_score"] == {"gold": 1.0} for w in written)
@@ -326,12 +320,12 @@ def test_negative_temperature_0_gives_each_twins_greedy_answers(tmp_path):
 def test_toy_bases_are_cached_by_recipe_and_shared_across_seeds(tmp_path):
     """Pre-trained once into OUT/../toy_bases/NAME-HASH; a second run (another seed too) copies them; a changed
     recipe adds a base; --toy_rebuild_bases trains again."""
-    from stages import Run, toy_bases
-    from test_reliability import SMALL
+    import toy
+    from stages import Run
 
     def bases(name, *flags):
         cfg = macpo.parse_config(SMALL + ["--out", str(tmp_path / name), *flags])
-        return [Path(folder) for folder in toy_bases(cfg, Run(cfg)).values()]
+        return [Path(folder) for folder in toy.bases(cfg, Run(cfg)).values()]
     cache = tmp_path / "toy_bases"
     first = bases("a", "--toy_pretrain_workers", "2")
     entries = sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))

@@ -47,7 +47,7 @@ def test_two_processes_match_one(one_process, tmp_path, mode, kind):
 def test_two_process_toy_run_matches_one_process(tmp_path, mode):
     """Every stage of a run under torchrun: ddp (whole copies), or fsdp (full-weight checkpoints loaded
     sharded, so generation, scoring, training and saving all run on 1/2 of the weights per rank)."""
-    from test_macpo import SMOKE
+    from tiny import SMOKE
     flags = SMOKE + ["--n_teachers", "1", "--no-ceiling", "--parallel", mode]
     subprocess.run([sys.executable, "macpo.py", *flags, "--out", str(tmp_path / "one")], cwd=ROOT, check=True,
                    capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -77,7 +77,7 @@ def test_two_process_fsdp_lora_run_completes_every_stage(tmp_path):
     """--parallel fsdp --lora all: every agent's base is loaded sharded with fresh adapters (their A drawn
     differently from one process's, so only the run's shape is compared): the same finished stages as one
     process, adapters written for every trained stage, and no stage left in progress."""
-    from test_macpo import SMOKE
+    from tiny import SMOKE
     flags = SMOKE + ["--n_teachers", "1", "--no-ceiling", "--lora", "all"]
     subprocess.run([sys.executable, "macpo.py", *flags, "--out", str(tmp_path / "one")], cwd=ROOT, check=True,
                    capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))

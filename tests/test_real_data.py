@@ -7,7 +7,7 @@ import huggingface_hub
 import pytest
 
 import macpo
-from conftest import make_model, make_tokenizer
+from tiny import make_model, make_tokenizer
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf"
 TINY_HH = [["This is a fixture dialogue.", "Human: hello there", "Assistant: Sorry, I do not know."]]

@@ -10,7 +10,6 @@ import errno
 import gc
 import gzip
 import json
-import math
 import os
 import random
 import re
@@ -28,7 +27,7 @@ import data
 import macpo
 import stages
 import train
-from conftest import make_model, make_tokenizer
+from tiny import SMALL, make_model, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,12 +195,6 @@ def test_handpicked_bad_records_load_or_raise_data_error(tmp_path, capsys, name,
 # ---------------------------------------------------------------------------------------------------------
 # Bad flags: refused through the command line before any compute, with the flag to change named.
 
-SMALL = ["--task", "toy", "--n_teachers", "2", "--rounds", "1", "--n_init", "48", "--n_w2s", "32", "--n_test", "16",
-         "--toy_teacher_sizes", "32x1,32x1", "--toy_student_size", "32x1", "--toy_teacher_pretrain_steps", "4,4",
-         "--toy_student_pretrain_steps", "8", "--toy_pretrain_batch_size", "16", "--toy_student_pretrain_batch_size", "16", "--system", "", "--max_length", "64",
-         "--max_prompt_length", "32", "--max_new_tokens", "10", "--batch_size", "16", "--teacher_sft_epochs", "1",
-         "--student_sft_epochs", "1", "--sft_lr", "2e-3", "--dpo_lr", "2e-4", "--log_every", "1", "--device", "cpu",
-         "--no-evaluate", "--no-ceiling"]
 
 
 def stage_folders(out):
@@ -462,13 +455,13 @@ ROUND1_UPDATES = ["round1/student", "round1/teacher0", "round1/teacher1"]
 
 def test_nan_in_a_stage_exits_with_the_step_and_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
     out = resumable_copy(reference, tmp_path, ROUND1_UPDATES)
-    calls, macpo_loss = [], train.macpo_loss
+    calls, dpo_loss = [], train.dpo_loss
 
     def nan_on_second_batch(*args, **kwargs):
         calls.append(1)
-        losses, stats = macpo_loss(*args, **kwargs)
-        return (losses * float("nan") if len(calls) == 2 else losses), stats
-    monkeypatch.setattr(train, "macpo_loss", nan_on_second_batch)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(*args, **kwargs)
+        return (losses * float("nan") if len(calls) == 2 else losses), chosen_rewards, rejected_rewards
+    monkeypatch.setattr(train, "dpo_loss", nan_on_second_batch)
     with pytest.raises(SystemExit) as e:
         macpo.main(SMALL + ["--out", str(out)])
     assert isinstance(e.value.code, str)                  # exit status 1, the message on stderr

@@ -1,4 +1,4 @@
-"""Sharded from loading to saving (train.load_sharded, train.save_sharded) under torchrun --nproc_per_node 2 on
+"""Sharded from loading to saving (sharding.load_sharded, sharding.save_sharded) under torchrun --nproc_per_node 2 on
 CPU (gloo), against the original safetensors folder and one process (train.load_model) on the same inputs."""
 import inspect
 import json
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "helpers" / "sharded_worker.py"
 sys.path.insert(0, str(WORKER.parent))                               # the worker's inputs(), for one process
 import parallel  # noqa: E402
-from conftest import make_model, make_tokenizer  # noqa: E402
+from tiny import make_model, make_tokenizer  # noqa: E402
 from sharded_worker import inputs  # noqa: E402
 from train import load_model  # noqa: E402
 

@@ -2,7 +2,8 @@
 import pytest
 
 import toy
-from data import Example, encode, render_prompt
+from data import Example, render_prompt
+from tiny import encode
 
 
 @pytest.mark.parametrize("request_, response, expected", [

@@ -10,8 +10,10 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))          # the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # tests/, for conftest's tiny models
 import parallel  # noqa: E402
-from conftest import make_model, make_tokenizer  # noqa: E402
-from train import TrainSettings, reference_logps, train  # noqa: E402
+from tiny import make_model, make_tokenizer  # noqa: E402
+from generate import reference_logps  # noqa: E402
+from tiny import full_state_dict  # noqa: E402
+from train import TrainSettings, train  # noqa: E402
 
 out, kind, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
@@ -24,7 +26,7 @@ settings = TrainSettings(kind=kind, epochs=2, lr=1e-2, batch_size=12, max_length
                          progress=False, parallel_mode=mode)
 reference = reference_logps(model, tokenizer, rows, batch_size=5, max_length=64) if kind == "dpo" else None
 logged = train(model, tokenizer, rows, settings, reference=reference)
-state = {k: v.contiguous() for k, v in (__import__("train").full_state_dict(model) or model.state_dict()).items()}
+state = {k: v.contiguous() for k, v in (full_state_dict(model) or model.state_dict()).items()}
 if parallel.is_main():
     out.mkdir(parents=True, exist_ok=True)
     sharded = any(hasattr(p, "full_tensor") for p in model.parameters())

@@ -1,6 +1,6 @@
 """Not a test: run by tests/test_sharded_inference.py, once as a plain process and once under torchrun with 2
 processes whose model is sharded with FSDP2 (fully_shard on every decoder layer, then on the ScoredLM root, as
-train.wrap does). Writes greedy generations, perplexities and reference log-probs, so the two can be compared."""
+sharding.wrap does). Writes greedy generations, perplexities and reference log-probs, so the two can be compared."""
 import json
 import sys
 from pathlib import Path
@@ -10,9 +10,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))          # the project
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # tests/, for conftest's tiny models
 import parallel  # noqa: E402
-from conftest import make_model, make_tokenizer  # noqa: E402
+from tiny import make_model, make_tokenizer  # noqa: E402
 from generate import ScoredLM, generate, perplexity  # noqa: E402
-from train import reference_logps  # noqa: E402
+from generate import reference_logps  # noqa: E402
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
 torch.set_num_threads(1)

@@ -1,5 +1,5 @@
 """Not a test: run by tests/test_sharded.py under torchrun (2 processes, gloo, CPU). For every model folder under
-MODELS: load it sharded (train.load_sharded), write what each rank holds and computes, and save it back with
+MODELS: load it sharded (sharding.load_sharded), write what each rank holds and computes, and save it back with
 the streaming save, so the test can compare all of it with the original folder and one process.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/helpers/sharded_worker.py MODELS OUT
@@ -7,7 +7,7 @@ the streaming save, so the test can compare all of it with the original folder a
 
 OUT/<model>/: rank<r>.json (local and total numels, tied or not), gathered.safetensors (every parameter and
 buffer gathered whole), rank<r>.safetensors (logits of a forward, of a cached last step, generated ids),
-saved/ (train.save_model), saved_small/ (train.save_sharded with files of at most 1 kB). A folder named
+saved/ (train.save_model), saved_small/ (sharding.save_sharded with files of at most 1 kB). A folder named
 broken* must fail to load; its error message goes to OUT/<model>/error.txt. OUT/trained/: MODELS/even trained
 with parallel_mode="fsdp", saved by save_model (saved/) and gathered by full_state_dict (full.safetensors).
 """
@@ -21,10 +21,13 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))          # the project
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # tests/, for tiny.py
 import parallel  # noqa: E402
 from generate import scorer_for  # noqa: E402
-from train import (ModelLoadError, TrainSettings, full_state_dict, load_model, load_sharded,  # noqa: E402
-                   save_model, save_sharded, train)
+from data import ModelLoadError  # noqa: E402
+from sharding import load_sharded, save_sharded  # noqa: E402
+from tiny import full_state_dict  # noqa: E402
+from train import TrainSettings, load_model, save_model, train  # noqa: E402
 
 
 def peak_rss_mb():

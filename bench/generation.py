@@ -1,11 +1,11 @@
-"""bench.py, section 2: generation, model.generate over prompts in input order up to generate.generate. Every
+"""bench, section 2: generation, model.generate over prompts in input order up to generate.generate. Every
 candidate samples exactly max_new_tokens per row (equal work), so only the decoding loop differs. New tokens/s."""
 import copy
 
 import torch
 
-from bench_setup import matmul_params
-from bench_timing import ladder_rows
+from bench.common import matmul_params
+from bench.timing import ladder_rows
 from generate import generate
 
 

@@ -1,12 +1,12 @@
-"""bench.py, section 1: perplexity of K responses per prompt (MACPO's filter), from one pair at a time through
+"""bench, section 1: perplexity of K responses per prompt (MACPO's filter), from one pair at a time through
 model(labels=...) up to generate.perplexity, one technique added per rung. Response tokens/s."""
 import math
 
 import torch
 
-from bench_setup import matmul_params
-from bench_timing import ladder_rows
-from data import collate, encode
+from bench.common import encode, matmul_params
+from bench.timing import ladder_rows
+from data import collate
 from generate import length_sorted_batches, packed_logps, perplexity, sequence_logps
 from losses import token_logps
 

@@ -1,28 +1,28 @@
 """How much faster macpo's scoring, generation and preference step are than the naive scripts, measured side by
 side in one run, each technique switched on one at a time.
 
-    bash run.sh bench                      # = python bench.py: CPU, under 10 minutes, writes runs/bench/bench.json
-    python bench.py --models tiny --repeats 3
+    bash run.sh bench                      # = python -m bench: CPU, under 10 minutes, writes runs/bench/bench.json
+    python -m bench --models tiny --repeats 3          # from the repository root
 
 Two randomly initialised Llamas (tiny: hidden 256 / 4 layers, small: hidden 512 / 8 layers, vocabulary 8k, a
 BPE tokenizer trained on the spot on the prompts) run over real HH-Helpful test prompts (the toy task's when
-../shared/data is absent; bench_setup.py). Every number is the median of --repeats timed runs after one warm-up,
+../shared/data is absent; bench/common.py). Every number is the median of --repeats timed runs after one warm-up,
 and the candidates of one comparison run interleaved (A, B, C, A, B, C, ...) so that other jobs on a shared
-machine slow them alike (bench_timing.py). Each table is a ladder: the naive script first, then one technique
+machine slow them alike (bench/timing.py). Each table is a ladder: the naive script first, then one technique
 added per row.
 
   1. perplexity of K responses per prompt (MACPO's filter: the student scores each weak teacher's answer): one
      pair at a time through model(input_ids, labels=...) and exp(loss), as most scripts do, up to
      generate.perplexity (the LM head only at scored positions, rows packed without padding, each prompt run
-     once for its K responses). Response tokens/s. bench_perplexity.py
+     once for its K responses). Response tokens/s. bench/perplexity.py
   2. generation: model.generate over prompts in input order, up to generate.generate (length-sorted batches,
      KV cache, its own sampling loop). Same prompts, batch size, sampling, and number of new tokens for all:
      neither may stop early (min_new_tokens for model.generate; an EOS id the model cannot emit for ours).
-     bench_generation.py
+     bench/generation.py
   3. the MACPO update (DPO + 0.2 SFT, AdamW): two forward passes with full-vocabulary log_softmax at every
      position and the reference model run every step, up to train.train's step (reference log-probs cached, one
      pass, the head only at scored positions, chosen and rejected after one pass of their shared prompt).
-     Pairs/s and the step's peak extra memory. bench_update.py; against TRL's DPOTrainer: bench_trl.py
+     Pairs/s and the step's peak extra memory. bench/update.py; against TRL's DPOTrainer: bench/framework.py
   4. every row's share of the machine's fp32 matmul peak (a 2048 x 2048 torch.matmul timed in the same rounds),
      counting 2 x parameters x tokens FLOPs forward and 6 x for forward + backward (the input embedding, a
      lookup, is not counted). The count is the full model's, whatever a row skips, so rows compare directly.
@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 
 import toy
-from bench_generation import bench_generation
-from bench_perplexity import bench_perplexity
-from bench_setup import HH_TEST, MODELS, build_model, fitting_pairs, k_responses_per_prompt, load_pairs, matmul_params
-from bench_trl import bench_trl
-from bench_update import bench_update
+from bench.common import HH_TEST, MODELS, build_model, fitting_pairs, k_responses_per_prompt, load_pairs, matmul_params
+from bench.framework import bench_trl
+from bench.generation import bench_generation
+from bench.perplexity import bench_perplexity
+from bench.update import bench_update
 
 
 def parse_args():

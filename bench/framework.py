@@ -1,12 +1,13 @@
-"""bench.py, section 4: TRL's DPOTrainer against train.train, when trl is installed (it is not a dependency).
+"""bench, section 4: TRL's DPOTrainer against train.train, when trl is installed (it is not a dependency).
 Pairs/s per optimizer step and peak memory, both loops timed by the same StepMeter."""
 import copy
 import tempfile
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from bench_timing import StepMeter
-from train import TrainSettings, reference_logps, train
+from bench.timing import StepMeter
+from generate import reference_logps
+from train import TrainSettings, train
 
 
 def bench_trl(policy, tokenizer, pairs, args):
@@ -21,7 +22,7 @@ def bench_trl(policy, tokenizer, pairs, args):
         from trl import DPOConfig, DPOTrainer
     except ImportError:
         return "skipped: trl (with datasets) is not importable; it is not a dependency of macpo. To measure it: " \
-               "python -m venv /tmp/trl && /tmp/trl/bin/pip install -r requirements.txt trl && /tmp/trl/bin/python bench.py"
+               "python -m venv /tmp/trl && /tmp/trl/bin/pip install -r requirements.txt trl && /tmp/trl/bin/python -m bench"
     B, device = args.train_batch_size, policy.device
     passes = args.repeats + 1                       # over the pairs; the first step of each loop is dropped
     rows = pairs[:len(pairs) // B * B]

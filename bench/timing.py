@@ -1,4 +1,4 @@
-"""bench.py's measuring: interleaved medians, the fp32 matmul peak timed alongside, per-step time and peak memory.
+"""bench's measuring: interleaved medians, the fp32 matmul peak timed alongside, per-step time and peak memory.
 
     seconds = interleaved_medians({"A": fn_a, "B": fn_b}, repeats=3, device="cpu")
     rows = ladder_rows(candidates, warmup, repeats, device, work=tokens, flops=2 * params * tokens)

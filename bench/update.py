@@ -1,16 +1,15 @@
-"""bench.py, section 3: the MACPO update (DPO + 0.2 SFT, AdamW), from two full-vocabulary passes with the
+"""bench, section 3: the MACPO update (DPO + 0.2 SFT, AdamW), from two full-vocabulary passes with the
 reference model run every step up to train.train's step, one technique added per rung. Pairs/s and peak memory."""
 import copy
 import time
 
 import torch
 
-from bench_setup import matmul_params
-from bench_timing import ladder_rows, peak_extra_memory_mb
-from data import collate, collate_pairs, encode
-from generate import ScoredLM, pack_rows, packed_sequence_logps, sequence_logps
-from losses import macpo_loss
-from train import reference_logps
+from bench.common import collate_pairs, encode, matmul_params
+from bench.timing import ladder_rows, peak_extra_memory_mb
+from data import collate
+from generate import ScoredLM, pack_rows, packed_sequence_logps, reference_logps, sequence_logps
+from losses import dpo_loss, sft_loss
 
 
 def full_vocab_logps(model, batch, device):
@@ -41,7 +40,10 @@ def preference_step(policy, optimizer, chosen, rejected, pad_id, *, one_pass, he
     if reference is None:
         with torch.no_grad():
             reference = tuple(logps_fn(reference_model, collate(side, pad_id))[0] for side in (chosen, rejected))
-    losses, _ = macpo_loss(policy_chosen, policy_rejected, *reference, n_chosen)
+    # MACPO's loss with the defaults the former losses.macpo_loss had (beta=0.1, sft_weight=0.2, sigmoid, no label
+    # smoothing): DPO plus 0.2 x the chosen response's token-averaged NLL
+    dpo, _, _ = dpo_loss(policy_chosen, policy_rejected, *reference)
+    losses = dpo + 0.2 * sft_loss(policy_chosen, n_chosen)
     losses.mean().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""bench.py's inputs: real (prompt, chosen, rejected) triples that fit untruncated, and randomly initialised Llamas.
+"""bench's inputs: real (prompt, chosen, rejected) triples that fit untruncated, and randomly initialised Llamas.
 
     pairs, source = load_pairs()
     model = build_model(tokenizer, *MODELS["tiny"], device="cpu")
@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import toy
-from data import encode, read_hh, render_prompt
+from data import collate, encode_many, read_hh, render_prompt
 
 HH_TEST = "../shared/data/hh-rlhf/helpful-base/test.jsonl.gz"
 MODELS = {"tiny": (256, 4), "small": (512, 8)}          # name: (hidden size, layers)
@@ -66,3 +66,16 @@ def build_model(tokenizer, hidden, layers, device, seed=0):
 def matmul_params(model):
     """Parameters that take part in matrix products (all but the input embedding, a table lookup)."""
     return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+
+def encode(tokenizer, prompt, response, max_length, max_prompt_length=None):
+    """One (rendered prompt, response) pair -> (input_ids, loss_mask): data.encode_many for one pair, as the
+    former data.encode was."""
+    return encode_many(tokenizer, [prompt], [response], max_length, max_prompt_length)[0]
+
+
+def collate_pairs(chosen_rows, rejected_rows, pad_id):
+    """B chosen and B rejected encodings -> one [2B, T] batch, chosen rows first (rows i and B + i are a pair);
+    the former data.collate_pairs."""
+    assert len(chosen_rows) == len(rejected_rows)
+    return collate(list(chosen_rows) + list(rejected_rows), pad_id)
