@@ -168,7 +168,7 @@ def markdown_table(header, rows):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The weak-to-strong table. `per_seed[method][seed]` (written by macpo.table) holds:
+# The weak-to-strong table. `per_seed[method][seed]` (written by report.table) holds:
 #   "rounds":   [{"student": mean score, "teachers": mean score over the K teachers}, ...]  init, round 1..T
 #   "scores":   the final strong student's score per test prompt (for win rates)
 # and `reference[seed]` holds "weak" (the weak-label teacher's score after init: the supervisor of the

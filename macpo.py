@@ -152,7 +152,7 @@ def parse_config(argv=None):
 
 # ---------------------------------------------------------------------------------------------------------
 # Algorithm 1 (Lyu et al. 2025, section 2). Step 1 initialises every agent; step 2 is T rounds of
-# macpo_round. README.md, "Algorithm 1", maps each line to these functions.
+# macpo_round. README.md shows it as pseudocode in these functions' names.
 
 @dataclass
 class Setup:

@@ -2,7 +2,7 @@
 # macpo's one entry point. Creates .venv from requirements.txt on first use, then runs a preset.
 #
 #   bash run.sh toy        # MAIN JOB: the built-in offline toy task, K = 3 weak teachers, T = 3 rounds, CPU
-#   bash run.sh test       # the test suite (CPU, offline)
+#   bash run.sh test       # the test suite (CPU, offline); `bash run.sh test fast`: the fast tier (< 90 s)
 #   bash run.sh table      # every baseline and ablation on the toy task, 5 seeds, CPU: results.md + rounds.png
 #   bash run.sh table hh   # the same on HH-Helpful with real models and a reward model (GPU machines)
 #   bash run.sh smoke      # the toy task at the smallest size that runs every stage (seconds)
@@ -40,15 +40,11 @@ preset="${1:-toy}"
 # (the release's 5e-5 / 1e-5 are LoRA rates)
 REAL="--max_length 1024 --max_prompt_length 512 --max_new_tokens 256 --batch_size 4 --grad_accum 4
       --sft_lr 1e-5 --dpo_lr 1e-6 --temperature 0.7 --top_p 0.9 --gen_batch_size 32 --score_batch_size 16"
-# the toy task's settings, shared by the toy and table presets (measured choices: README, "The toy task").
-# --lora all: every agent trains rank-8 adapters over its pre-trained base, as the release does, on every
-# linear layer (--lora_targets): q,v adapters alone could not move a harmful request's first token (refuse or
-# comply) within any SFT budget tried, so the twins kept refusing. Teacher SFT is gentle (2 epochs, 3e-4) so a
-# teacher keeps its own operation; the student SFTs 3 epochs on its weak labels, as the release does (at 5 it
-# imitates them: naive student 0.47, no better than its supervisor); the twins need many epochs at a higher
-# rate (32 at 3e-3) to turn refusals into compliance and answers into near misses; the twins answer greedily
-# (--negative_temperature 0): sampled at 0.3 a teacher's twin was well formed on 59% of Q_w2s (97% greedy), and
-# the student's twin, which learns from the weak teacher's twin's answers, copied the malformed ones.
+# the toy task's settings, shared by the toy and table presets; each value's measurement and how it was chosen
+# (some after seeing results): results/README.md, section 3. In short: every agent trains rank-8 adapters on
+# every linear layer over its pre-trained base, as the release trains LoRA; teachers SFT gently (2 epochs) so
+# each keeps its own operation; the student SFTs 3 epochs on its weak labels, as released; the twins need many
+# epochs at a higher rate to turn refusals into compliance and answers into near misses, and answer greedily.
 TOY="--task toy --n_teachers 3 --toy_teacher_ops +,-,* --toy_teacher_sizes 64x2,64x2,64x2
      --toy_teacher_pretrain_steps 1200,1200,1200 --toy_student_size 80x2 --toy_student_pretrain_steps 1200
      --toy_pretrain_batch_size 64 --toy_student_pretrain_batch_size 192 --toy_pretrain_lr 3e-3
@@ -75,12 +71,17 @@ case "$preset" in
   pku)
     exec $PY macpo.py --out runs/pku --task pku --teachers "$HH_TEACHERS" --student "$HH_STUDENT" \
       --n_init 5000 --n_w2s 5000 --n_test 1000 --template alpaca $REAL "$@" ;;
-  paper)     # the paper's agents; a 70B student needs several GPUs and LoRA (see the README)
+  paper)     # the paper's agents; a 70B student needs several GPUs and LoRA (docs/scaling.md)
     exec $PY macpo.py --out runs/paper --task hh-helpful --teachers "$PAPER_TEACHERS" --student "$PAPER_STUDENT" \
       --n_init 5000 --n_w2s 5000 --n_test 2000 --template vicuna $REAL "$@" ;;
   bench)     # speed of scoring, generation and the preference step vs the naive scripts, side by side (CPU, <10 min)
     exec $PY -m bench "$@" ;;
-  test)
+  test)      # everything (CI); `test fast`: losses, scoring, generation, data, LoRA, the toy task and one
+             # smoke run, for someone changing a loss (tests marked slow left out)
+    if [ "${1:-}" = fast ]; then
+      shift
+      exec $PY -m pytest tests -q -m "not slow" "$@"
+    fi
     exec $PY -m pytest tests -q "$@" ;;
   table)     # MACPO, naive SFT, confident loss, SPIN, self-rewarding, -MP, -HN, K = 1, 2, MACPO with the
              # release's reference: 5 seeds, one folder each (runs/table/seed{S}) whose init stages every

@@ -18,7 +18,7 @@ compliance (the base knows both behaviours; alignment picks one). Weak teacher k
 is larger. So each teacher has real, partial and complementary knowledge: it answers its own operation and
 misses the others, the best of the K teachers' responses is almost always right, and the student can tell the
 right one when it reads it. LoRA alignment on a few hundred examples cannot teach a base an operation it never
-saw (measured: README, "The toy task"). The bases depend on their recipe only, not on the run's seed (as with
+saw (measured: results/README.md). The bases depend on their recipe only, not on the run's seed (as with
 released models, which every seed of a paper's table shares), and are cached by a hash of that recipe.
 
     python -c "import toy; i, w, t = toy.make_task(0, 1500, 1500, 1200); print(i[0])"
@@ -310,7 +310,7 @@ def model_config(tokenizer, hidden, layers, heads=4, intermediate=None, max_posi
 
 # ---------------------------------------------------------------------------------------------------------
 # The test bed's premises: is this seed's run a weak-to-strong setting at all? Measured after initialisation
-# and printed before round 1 (macpo.check_premises); thresholds from the paper's setting (README, "The toy task").
+# and printed before round 1 (report.check_premises); thresholds from the paper's setting (results/README.md).
 
 def _check(name, value, op, threshold):
     ok = threshold[0] <= value <= threshold[1] if op == "in" else value >= threshold if op == ">=" else value <= threshold

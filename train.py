@@ -118,7 +118,7 @@ class TrainSettings:
     lr: float = 1e-5                # AdamW; linear warm-up, then cosine decay to 0 (the release: cosine, no warm-up)
     batch_size: int = 16            # rows per forward pass (all ranks together)
     grad_accum: int = 1             # forward passes per optimizer step
-    max_length: int = 1024          # tokens per (prompt, response), prompt cut first (data.encode)
+    max_length: int = 1024          # tokens per (prompt, response), prompt cut first (data.encode_many)
     max_prompt_length: int = None   # None = max_length // 2
     beta: float = 0.1               # DPO's beta
     sft_weight: float = 0.2         # the SFT term's weight in the update (the release's dpo_ftx)

@@ -69,8 +69,7 @@ def matmul_params(model):
 
 
 def encode(tokenizer, prompt, response, max_length, max_prompt_length=None):
-    """One (rendered prompt, response) pair -> (input_ids, loss_mask): data.encode_many for one pair, as the
-    former data.encode was."""
+    """One (rendered prompt, response) pair -> (input_ids, loss_mask): data.encode_many for one pair."""
     return encode_many(tokenizer, [prompt], [response], max_length, max_prompt_length)[0]
 
 

@@ -40,7 +40,7 @@ def preference_step(policy, optimizer, chosen, rejected, pad_id, *, one_pass, he
     if reference is None:
         with torch.no_grad():
             reference = tuple(logps_fn(reference_model, collate(side, pad_id))[0] for side in (chosen, rejected))
-    # MACPO's loss with the defaults the former losses.macpo_loss had (beta=0.1, sft_weight=0.2, sigmoid, no label
+    # MACPO's update as train.train computes it, at its defaults (beta=0.1, sft_weight=0.2, sigmoid, no label
     # smoothing): DPO plus 0.2 x the chosen response's token-averaged NLL
     dpo, _, _ = dpo_loss(policy_chosen, policy_rejected, *reference)
     losses = dpo + 0.2 * sft_loss(policy_chosen, n_chosen)

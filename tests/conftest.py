@@ -6,6 +6,10 @@ from tiny import make_model, make_tokenizer
 
 torch.set_num_threads(2)
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: left out of the fast tier (`bash run.sh test fast`)")
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

@@ -140,6 +140,7 @@ def test_eval_subcommand_scores_a_folder(tmp_path, capsys):
 
 # --- a very small table, end to end ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_table_end_to_end(tmp_path, reward_model):
     import macpo
     out = tmp_path / "table"

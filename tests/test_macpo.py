@@ -182,6 +182,7 @@ def test_signal_block_equals_a_rescoring_of_the_pair_files(run_dir):
         assert res["results_by_kind"][stage][agent] == pytest.approx({k: sum(v) / len(v) for k, v in expected.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["drop", "keep"])
 def test_identical_pairs_are_dropped_or_kept(run_dir, tmp_path, mode):
     """Only identical pairs: dropped, the agent goes on unchanged (weights equal); kept, the SFT term moves it."""
@@ -221,6 +222,7 @@ def test_changed_flags_on_an_existing_run_are_refused(run_dir):
         macpo.main(SMOKE + ["--out", str(run_dir), "--beta", "0.5"])
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_results(run_dir, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "macpo.py")] + SMOKE + ["--out", str(out)]
@@ -239,6 +241,7 @@ def test_killed_run_resumes_to_identical_results(run_dir, tmp_path):
     assert [k for k in a if a[k] != b[k]] == []
 
 
+@pytest.mark.slow
 def test_lora_run_trains_only_adapters_and_merges(tmp_path):
     """--lora all: every stage saves adapters only (the base is untouched), the DPO reference is the base with
     adapters off, and a merged checkpoint differs from its base exactly in the wrapped q_proj / v_proj weights."""
@@ -265,6 +268,7 @@ def test_lora_run_trains_only_adapters_and_merges(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
+@pytest.mark.slow
 def test_a_lora_run_is_a_function_of_its_flags(tmp_path, monkeypatch):
     """Two --lora all runs of one command, with torch's global generator left in different states before each,
     write the same adapters, generations and pairs byte for byte: fresh adapters start from the stage's seed
@@ -293,6 +297,7 @@ def test_a_lora_run_is_a_function_of_its_flags(tmp_path, monkeypatch):
     assert [k for k in a if a[k] != b[k]] == []
 
 
+@pytest.mark.slow
 def test_negative_temperature_0_gives_each_twins_greedy_answers(tmp_path):
     """--negative_temperature 0: the hard negatives (init/negatives_teacher0) and the weak twin's answers the
     student's twin learns from (init/weak_negatives, the weak teacher being teacher0) are the twin's greedy
@@ -317,6 +322,7 @@ def test_negative_temperature_0_gives_each_twins_greedy_answers(tmp_path):
             assert row["response"] == tokenizer.decode(new, skip_special_tokens=True).strip(), (stage, row)
 
 
+@pytest.mark.slow
 def test_toy_bases_are_cached_by_recipe_and_shared_across_seeds(tmp_path):
     """Pre-trained once into OUT/../toy_bases/NAME-HASH; a second run (another seed too) copies them; a changed
     recipe adds a base; --toy_rebuild_bases trains again."""

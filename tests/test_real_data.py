@@ -9,6 +9,8 @@ import pytest
 import macpo
 from tiny import make_model, make_tokenizer
 
+pytestmark = pytest.mark.slow           # left out of `bash run.sh test fast`
+
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf"
 TINY_HH = [["This is a fixture dialogue.", "Human: hello there", "Assistant: Sorry, I do not know."]]
 

@@ -29,6 +29,8 @@ import stages
 import train
 from tiny import SMALL, make_model, make_tokenizer
 
+pytestmark = pytest.mark.slow           # left out of `bash run.sh test fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
