@@ -41,9 +41,9 @@ def parse(config_class, argv, description, methods):
             names = dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"])
             if f.type in (bool, "bool"):
                 group.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=f.default,
-                                   help=text)
+                                   help=text.replace("%", "%%"))
             else:
-                group.add_argument(*names, dest=name, type=type(f.default), default=f.default, help=text)
+                group.add_argument(*names, dest=name, type=type(f.default), default=f.default, help=text.replace("%", "%%"))
     cfg = config_class(**vars(parser.parse_args(argv)))
     problems = validate(cfg, methods)
     if problems:

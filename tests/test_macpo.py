@@ -349,3 +349,18 @@ def test_toy_bases_are_cached_by_recipe_and_shared_across_seeds(tmp_path):
     student = next(e for e in entries if e.startswith("student"))
     assert (cache / student / "DONE").stat().st_mtime_ns != stamp[student]
     assert json.loads((cache / student / "recipe.json").read_text())["steps"] == 8
+
+
+def test_every_flag_has_its_comment_as_help(capsys):
+    """--help is generated from Config's comments: every field is a flag in a group, with its comment as help."""
+    import dataclasses
+    with pytest.raises(SystemExit):
+        macpo.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())              # argparse wraps lines
+    for f in dataclasses.fields(macpo.Config):
+        assert f"--{f.name}" in out, f.name
+    assert "--no-hard_negatives: the -HN ablation (deranged_negatives)" in out
+    assert "DPO temperature (LLaMA-Factory's default; the paper's value not found) (default: 0.1)" in out
+    assert "contrastive update: DPO + sft_weight x SFT on the positive, every round (step 2 (f)):" in out
+    helped = [name for _, flags in macpo.flags.flag_help(macpo.Config) for name, text in flags if text.strip()]
+    assert sorted(helped) == sorted(f.name for f in dataclasses.fields(macpo.Config))
