@@ -45,16 +45,24 @@ def test_two_processes_match_one(one_process, tmp_path, mode, kind):
         assert torch.allclose(a[k], b[k], atol=1e-4), k
 
 
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """The run both parallel modes are compared with: one process, where --parallel changes nothing."""
+    from tiny import SMOKE
+    out = tmp_path_factory.mktemp("one") / "run"
+    subprocess.run([sys.executable, "macpo.py", *SMOKE, "--n_teachers", "1", "--no-ceiling", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return out
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_process_toy_run_matches_one_process(tmp_path, mode):
+def test_two_process_toy_run_matches_one_process(tmp_path, mode, one_process_run):
     """Every stage of a run under torchrun: ddp (whole copies), or fsdp (full-weight checkpoints loaded
     sharded, so generation, scoring, training and saving all run on 1/2 of the weights per rank)."""
     from tiny import SMOKE
     flags = SMOKE + ["--n_teachers", "1", "--no-ceiling", "--parallel", mode]
-    subprocess.run([sys.executable, "macpo.py", *flags, "--out", str(tmp_path / "one")], cwd=ROOT, check=True,
-                   capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     torchrun("macpo.py", *flags, "--out", str(tmp_path / "two"))
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = one_process_run, tmp_path / "two"
     done = sorted(str(p.relative_to(one)) for p in one.rglob("DONE"))
     assert done == sorted(str(p.relative_to(two)) for p in two.rglob("DONE"))
     assert not list(two.rglob("*.partial"))
