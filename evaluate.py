@@ -5,11 +5,14 @@
     python macpo.py eval runs/pku --reward_models models/beaver-7b-v1.0-reward,models/beaver-7b-v1.0-cost \
         --baseline eval/init/student                                # + win/tie/lose of every file against one
 
-Scorers turn (prompt turns, response) into one float per response:
+Scorers turn (prompt turns, response) into one float per response, higher = better:
   gold    the toy task's exact reward (toy.reward, 0 or 1): the share of prompts answered correctly
   NAME    any AutoModelForSequenceClassification (hub name or folder): its first logit. PKU-SafeRLHF's reward
           model (higher = more helpful) and cost model (higher = less safe) are two such scorers, reported
-          side by side, each under its own name.
+          side by side, each under its own name; a model whose name contains "cost" is a cost model and its
+          score is negated, so that every scorer, win rate and training signal reads higher = better.
+Each task has a default evaluator (EVALUATORS), used by a run and by `eval` on a run folder unless
+--reward_models names others or "none".
 The paper's exact reward models, GPT-4 judge prompt and human protocol are not published (README.md, "Where
 the paper is silent"); the mean score on the test prompts and pairwise win / tie / lose rates are the assumed
 metrics. Also the Markdown of the multi-seed table (report.table runs it). Above generate.py, below macpo.py.
@@ -30,6 +33,36 @@ from generate import length_sorted_batches
 # ---------------------------------------------------------------------------------------------------------
 # Scorers
 
+# Each task's default evaluator (--reward_models auto) and its input format (--rm_format auto). The paper names
+# no reward model (../shared/paper.md, section 4); these are the usual public choices. HH: OpenAssistant's
+# DeBERTa-v3-large reward model (435M parameters, trained on HH-RLHF's train split among others, so HH's test
+# prompts are in its domain, and small enough to sit beside the agents). PKU-SafeRLHF: the dataset authors'
+# beaver-7b reward (helpfulness) and cost (harm) models, trained on PKU-SafeRLHF.
+EVALUATORS = {"hh-helpful": ("OpenAssistant/reward-model-deberta-v3-large-v2", "pair"),
+              "hh-harmless": ("OpenAssistant/reward-model-deberta-v3-large-v2", "pair"),
+              "pku": ("PKU-Alignment/beaver-7b-v1.0-reward,PKU-Alignment/beaver-7b-v1.0-cost", "beaver")}
+RM_FORMATS = ("pair", "beaver")          # besides the prompt templates (data.TEMPLATES)
+
+
+def resolve_evaluators(task, reward_models, rm_format):
+    """--reward_models and --rm_format as given -> (comma-separated reward models, format): "auto" is the
+    task's default evaluator (EVALUATORS; none for the toy task, scored by its gold reward, and for --task
+    file), "none" (or "") none."""
+    default, default_format = EVALUATORS.get(task, ("", "pair"))
+    names = default if reward_models == "auto" else "" if reward_models == "none" else reward_models
+    fmt = (default_format if reward_models == "auto" else "pair") if rm_format == "auto" else rm_format
+    return names, fmt
+
+
+def reward_model_names(reward_models):
+    """"A,B" -> ["A", "B"] ("none" and "" -> [])."""
+    return [n.strip() for n in reward_models.split(",") if n.strip() and n.strip() != "none"]
+
+
+def is_cost(name):
+    """A cost model (higher = worse, e.g. beaver-7b-v1.0-cost), by its name; its scores are negated."""
+    return "cost" in Path(name.rstrip("/")).name.lower()
+
 def gold_scores(prompts, responses):
     """The toy task's exact reward per (prompt turns, response): 1.0 when correct, else 0.0."""
     import toy
@@ -37,25 +70,69 @@ def gold_scores(prompts, responses):
 
 
 def load_reward_model(name_or_path, device="cpu", trust_remote_code=False):
-    """Any AutoModelForSequenceClassification (bf16 on CUDA, float32 on CPU) and its tokenizer, in eval mode."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """Any AutoModelForSequenceClassification (bf16 on CUDA, float32 on CPU) and its tokenizer, in eval mode.
+
+    safe-rlhf's score models (beaver-7b: architectures ["LlamaModelForScore"], a bias-free `score_head` read at
+    the last token) load as the architecture's ...ForSequenceClassification with one label, `score_head`'s
+    weight copied into its `score` layer: the same last-non-pad-token linear score, without the safe_rlhf
+    package."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    score_model = any(a.endswith("ForScore") for a in (config.architectures or []))
+    if score_model:
+        config.num_labels, config.architectures = 1, None
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config,
+                                                               trust_remote_code=trust_remote_code)
+    if score_model:
+        _load_score_head(model, name_or_path)
     data.ensure_pad_token(tokenizer)
     if model.config.pad_token_id is None:       # the classifier pools at the last non-pad token: it needs one
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device=device, dtype=parallel.dtype_for(device)).eval(), tokenizer
 
 
+def _load_score_head(model, name_or_path):
+    """Copy a safe-rlhf checkpoint's score_head.weight [1, hidden] into model.score (from its safetensors or
+    pytorch_model files, local or in the hub cache); ModelLoadError when it has none."""
+    import glob
+    import os
+
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+    folder = name_or_path if os.path.isdir(name_or_path) else snapshot_download(
+        name_or_path, allow_patterns=["*.safetensors", "*.bin", "*.json"])
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.bin"))):
+        if path.endswith(".safetensors"):
+            with safe_open(path, "pt") as f:
+                key = next((k for k in f.keys() if k.endswith("score_head.weight")), None)
+                weight = f.get_tensor(key) if key else None
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            key = next((k for k in state if k.endswith("score_head.weight")), None)
+            weight = state[key] if key else None
+        if weight is not None:
+            with torch.no_grad():
+                model.score.weight.copy_(weight.reshape(model.score.weight.shape))
+            return
+    raise data.ModelLoadError(f"{name_or_path} declares a score model (…ForScore) but no file in {folder} holds "
+                              f"score_head.weight")
+
+
 def rm_inputs(prompt, response, rm_format="pair"):
     """How a (prompt turns, response) is shown to a reward model.
     pair     (question, answer) as a tokenizer text pair, the OpenAssistant DeBERTa reward models' format;
              the question is the user turn, or the whole dialogue in HH's Human/Assistant form when longer
-    a data.TEMPLATES name (vicuna, alpaca, hh, ...)  one text: the rendered prompt, a space, the response
-             (e.g. beaver-7b's "BEGINNING OF CONVERSATION: USER: ... ASSISTANT: ..." is close to vicuna)."""
+    beaver   safe-rlhf's "BEGINNING OF CONVERSATION: USER: {u} ASSISTANT:{response}" (its model cards'), one
+             text, earlier turns as "USER: ... ASSISTANT: ..." in between
+    a data.TEMPLATES name (vicuna, alpaca, hh, ...)  one text: the rendered prompt, a space, the response."""
     if rm_format == "pair":
         question = prompt[-1]["content"] if len(prompt) == 1 else data.render_prompt(prompt, "hh")
         return (question, response)
+    if rm_format == "beaver":
+        turns = " ".join(f"USER: {t['content']}" if t["role"] == "user" else f"ASSISTANT:{t['content']}"
+                         for t in prompt)
+        return (f"BEGINNING OF CONVERSATION: {turns} ASSISTANT:{response}",)
     return (data.render_prompt(prompt, rm_format, system="") + " " + response,)
 
 
@@ -82,16 +159,17 @@ def reward_model_scores(model, tokenizer, prompts, responses, batch_size=16, max
 
 
 def make_scorer(name, device="cpu", batch_size=16, max_length=1024, rm_format="pair", trust_remote_code=False):
-    """name "gold" or a reward model -> f(prompts, responses) -> [float]. The model is loaded on first use."""
+    """name "gold" or a reward model -> f(prompts, responses) -> [float], higher = better (a cost model's
+    scores negated). The model is loaded on first use."""
     if name == "gold":
         return gold_scores
-    loaded = {}
+    loaded, sign = {}, -1.0 if is_cost(name) else 1.0
 
     def score(prompts, responses):
         if not loaded:
             loaded["model"], loaded["tokenizer"] = load_reward_model(name, device, trust_remote_code)
-        return reward_model_scores(loaded["model"], loaded["tokenizer"], prompts, responses, batch_size, max_length,
-                                   rm_format)
+        return [sign * v for v in reward_model_scores(loaded["model"], loaded["tokenizer"], prompts, responses,
+                                                      batch_size, max_length, rm_format)]
     return score
 
 
@@ -364,24 +442,52 @@ def evaluate_folder(folder, scorers, baseline=None, margin=0.0):
     return results
 
 
+def run_evaluators(folder, reward_models, gold, rm_format):
+    """Which scorers `eval FOLDER` uses, and why -> (names, rm_format, the line saying so). Named reward models
+    (and --gold) when given; otherwise the run's own evaluators, read from FOLDER/config.json. A folder without
+    one, or the toy task's gold reward asked for on a real-data run, is refused (SystemExit) with what to pass:
+    scoring HH or PKU answers with the toy's arithmetic reward would give every output 0 without a word."""
+    config = Path(folder) / "config.json"
+    run = json.loads(config.read_text()) if config.is_file() else None
+    task = run.get("task") if run else None
+    if gold and task not in (None, "toy"):
+        raise SystemExit(f"error: --gold is the toy task's reward; {folder} is a {task} run ({config}). Pass "
+                         f"--reward_models NAME, or nothing to use the run's evaluator")
+    names = reward_model_names(reward_models or "")
+    if names or gold:
+        fmt = rm_format if rm_format != "auto" else next(
+            (f for n, f in EVALUATORS.values() if n == ",".join(names)), "pair")
+        return ["gold"] * bool(gold) + names, fmt, "as named on the command line"
+    if run is None:
+        raise SystemExit(f"error: no evaluator for {folder}: it holds no config.json naming its task. Pass "
+                         f"--reward_models NAME[,NAME] (HH: {EVALUATORS['hh-helpful'][0]}; PKU: "
+                         f"{EVALUATORS['pku'][0]}), or --gold for the toy task")
+    names, fmt = resolve_evaluators(task, run.get("reward_models", "auto"), run.get("rm_format", "auto"))
+    names = ["gold"] * (task == "toy") + reward_model_names(names)
+    if not names:
+        raise SystemExit(f"error: the {task} run in {folder} has no evaluator (--reward_models none); pass "
+                         f"--reward_models NAME[,NAME]")
+    return names, fmt if rm_format == "auto" else rm_format, f"the run's ({config})"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="macpo.py eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="a run folder (or any folder) holding generations.jsonl files")
-    parser.add_argument("--reward_models", default="",
-                        help="comma-separated AutoModelForSequenceClassification names or folders (PKU: reward,cost)")
-    parser.add_argument("--gold", action=argparse.BooleanOptionalAction, default=None,
-                        help="score with the toy task's gold reward (default: when no --reward_models)")
-    parser.add_argument("--rm_format", default="pair", help="pair, or a prompt template name (see rm_inputs)")
+    parser.add_argument("--reward_models", default=None,
+                        help="comma-separated AutoModelForSequenceClassification names or folders (PKU: reward,cost); "
+                             "default: the run's evaluator, from FOLDER/config.json")
+    parser.add_argument("--gold", action=argparse.BooleanOptionalAction, default=False,
+                        help="score with the toy task's gold reward (a toy run's default)")
+    parser.add_argument("--rm_format", default="auto", help="auto, pair, beaver, or a prompt template name (see rm_inputs)")
     parser.add_argument("--baseline", default=None, help="win / tie / lose of every file against this one")
     parser.add_argument("--tie_margin", type=float, default=0.0, help="score differences up to this are ties")
     parser.add_argument("--device", default=parallel.default_device())
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_length", type=int, default=1024)
     args = parser.parse_args(argv)
-    names = [n for n in args.reward_models.split(",") if n]
-    if args.gold or (args.gold is None and not names):
-        names = ["gold"] + names
-    scorers = {n: make_scorer(n, args.device, args.batch_size, args.max_length, args.rm_format) for n in names}
+    names, rm_format, why = run_evaluators(args.folder, args.reward_models, args.gold, args.rm_format)
+    print(f"evaluator: {', '.join(names)} ({why})")
+    scorers = {n: make_scorer(n, args.device, args.batch_size, args.max_length, rm_format) for n in names}
     results = evaluate_folder(args.folder, scorers, args.baseline, args.tie_margin)
     out = Path(args.folder) / "eval_scores.json"
     out.write_text(json.dumps({n: {k: v for k, v in r.items() if k != "prompts"} for n, r in results.items()},

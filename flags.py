@@ -57,7 +57,7 @@ def validate(cfg, methods):
     choices = {"task": ("toy", "hh-helpful", "hh-harmless", "pku", "file"), "template": data.TEMPLATES,
                "reference": ("previous", "init", "base"), "student_positive_from": ("before", "after"),
                "loss_type": ("sigmoid", "ipo"), "pku_order": ("safer", "better"),
-               "identical_pairs": ("drop", "keep"), "rm_format": ("pair",) + tuple(data.TEMPLATES),
+               "identical_pairs": ("drop", "keep"), "rm_format": ("auto", "pair", "beaver") + tuple(data.TEMPLATES),
                "lora": ("none", "all", "student", "teachers"), "parallel": ("ddp", "fsdp"),
                "method": tuple(methods), "self_judge": ("likelihood", "llm")}
     for name, allowed in choices.items():

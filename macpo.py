@@ -31,8 +31,8 @@ import report
 import toy
 from data import ModelLoadError
 from generate import perplexity
-from stages import (Run, RunError, check_models, dataset_requests, dpo_stage, evaluate_stage, generate_stage,
-                    load_agent, load_task, read_jsonl, render, samples, scored, sft_stage, write_jsonl)
+from stages import (Run, RunError, check_models, dataset_requests, dpo_stage, evaluate_stage, evaluator_names,
+                    generate_stage, load_agent, load_task, read_jsonl, render, samples, scored, sft_stage, write_jsonl)
 from train import NonFiniteError
 
 
@@ -46,7 +46,8 @@ class Config:
     # --- run: where outputs go, on which device, how many processes
     out: str = "runs/toy"               # run folder: checkpoints, generations, pairs, metrics.jsonl, results.json
     seed: int = 0                       # every stage derives its own seed from this and its name
-    device: str = "auto"                # auto = cuda if available, else cpu (bf16 on cuda, float32 on cpu)
+    device: str = "auto"                # auto = cuda if available, else cpu
+    dtype: str = "auto"                 # weights: auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16
     trust_remote_code: bool = False     # let transformers run code shipped with a hub model; off unless asked
     parallel: str = "ddp"               # under torchrun: ddp (full copies, gradients averaged) | fsdp (sharded)
     # --- task and data: which prompts and preference pairs, rendered how
@@ -123,8 +124,9 @@ class Config:
     # --- evaluation and reports
     evaluate: bool = True               # generate on the test prompts after init and each round
     signal: bool = True                 # score every pair each agent trains on (report.py's training signal)
-    reward_models: str = ""             # reward models (names or folders) judging the signal; toy: also gold
-    rm_format: str = "pair"             # a reward model's input: pair (OpenAssistant) | a template (beaver: vicuna)
+    reward_models: str = "auto"         # evaluators (names or folders) of the test outputs and the signal: auto
+                                        # = the task's (evaluate.EVALUATORS; toy: gold reward) | none | A,B
+    rm_format: str = "auto"             # a reward model's input: auto (its evaluator's) | pair | beaver | a template
     ceiling: bool = True                # also train the strong student by SFT on ground truth (the ceiling)
     # --- method: MACPO or a baseline (baselines.py), from the same initial agents and data
     method: str = "macpo"               # macpo | sft (naive) | confident (Burns) | spin (Chen) | self_reward (Yuan)
@@ -147,7 +149,9 @@ class Config:
 def parse_config(argv=None):
     """Command-line flags -> a Config, refused with every problem named (flags.py builds --help from the
     comments above and checks the flags against each other)."""
-    return flags.parse(Config, argv, __doc__.split("\n\n")[0], METHODS)
+    cfg = flags.parse(Config, argv, __doc__.split("\n\n")[0], METHODS)
+    cfg.reward_models, cfg.rm_format = evaluate.resolve_evaluators(cfg.task, cfg.reward_models, cfg.rm_format)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,8 +345,12 @@ def ceiling_stage(cfg, run, setup):
 
 def run_method(cfg):
     """One method (--method, default MACPO) on one run folder -> ({round: {agent: mean score}}, {round: {agent:
-    {prompt kind: mean score}}}), written with the premises and the training signal to results.json."""
+    {prompt kind: mean score}}}, the final student's win rates), written with the premises and the training
+    signal to results.json and results.md (report.write_results)."""
     run = Run(cfg)
+    if parallel.is_main():
+        print("evaluator: " + (", ".join(evaluator_names(cfg)) or "none (--reward_models none): the results stay "
+              "empty; score the test generations later with python macpo.py eval FOLDER --reward_models NAME"))
     setup = initialise(cfg, run)
     ceiling = ceiling_stage(cfg, run, setup) if cfg.ceiling else None
     premises = report.check_premises(cfg, run, setup, ceiling)     # before round 1: a weak-to-strong bed?
@@ -375,7 +383,7 @@ def main(argv=None):
                                initialise, ceiling_stage, METHODS, table_args.scorer, table_args.tie_margin))
             print(f"{cfg.out}: results.md, rounds.png, table.json ({time.time() - t0:.0f} s)")
             return
-        results, by_kind = run_method(cfg)
+        results, by_kind, wins = run_method(cfg)
     except (data.DataError, ModelLoadError, NonFiniteError, RunError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:       # a full disk or a lost mount: the stage being written stays *.partial, never DONE
@@ -384,8 +392,10 @@ def main(argv=None):
     print(report.format_table(results, [f"teacher{k}" for k in range(cfg.K)]))
     if any(v for row in by_kind.values() for v in row.values()):
         print("\nper prompt kind:\n" + report.format_kind_table(by_kind))
-    print(f"\n{cfg.out}: results.json, metrics.jsonl, checkpoints and generations per stage "
-          f"({time.time() - t0:.0f} s)")
+    if wins:
+        print("\nthe final student's win / tie / lose:\n" + report.format_wins(wins))
+    print(f"\n{cfg.out}: results.json, results.md, results.png, metrics.jsonl, checkpoints and generations per "
+          f"stage ({time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import parallel
 import toy
 from data import read_jsonl
 from evaluate import markdown_table
-from stages import Run, samples, write_json, write_text
+from stages import Run, evaluator_names, samples, write_json, write_text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,29 +296,123 @@ def check_premises(cfg, run, setup, ceiling):
     return premises
 
 
+def run_evaluators(cfg, run):
+    """{name: f(prompts, responses) -> [float]} for the run's evaluators (stages.evaluator_names), sharing the
+    signal's already loaded reward models, in one ScoreCache so a response is scored once."""
+    return evaluate.ScoreCache({n: run.score.scorers.get(n) or evaluate.make_scorer(
+        n, cfg.device, cfg.score_batch_size, cfg.max_length, cfg.rm_format, cfg.trust_remote_code)
+        for n in evaluator_names(cfg)})
+
+
 def write_results(cfg, run, setup, evals, final, premises, method):
-    """OUT/results.json (and signal.png) of one method's run: mean score per round and agent, per prompt kind,
-    the premises, the final checkpoints and the training signal -> (results, results_by_kind)."""
-    gold = evaluate.gold_scores if cfg.task == "toy" else None
-    per_prompt = {r: {a: scores(run, stage, gold) for a, stage in row.items()} for r, row in evals.items()}
-    results = {r: {a: None if v is None else statistics.fmean(v) for a, v in row.items()}
-               for r, row in per_prompt.items()}
+    """OUT/results.json, results.md and results.png (and signal.png) of one method's run: the mean score per
+    round and agent under every evaluator (the first one's also as "results" and per prompt kind), the final
+    student's win / tie / lose against the naive-SFT student and against the weak supervisor, the premises,
+    the final checkpoints and the training signal -> (results, results_by_kind, win_rates)."""
+    judge = run_evaluators(cfg, run) if parallel.is_main() else evaluate.ScoreCache({})
+    names = list(judge.scorers)
+    metric = names[0] if names else None
+    # {stage: {agent: {scorer: [per test prompt]}}}; None where a stage was not evaluated
+    per_prompt = {}
+    for r, row in evals.items():
+        per_prompt[r] = {}
+        for a, stage in row.items():
+            rows = read_jsonl(run.out / stage / "generations.jsonl") if stage and judge else None
+            per_prompt[r][a] = judge([x["prompt"] for x in rows], [x["response"] for x in rows]) if rows else None
+    by_scorer = {n: {r: {a: None if v is None else statistics.fmean(v[n]) for a, v in row.items()}
+                     for r, row in per_prompt.items()} for n in names}
+    results = by_scorer[metric] if metric else {r: {a: None for a in row} for r, row in evals.items()}
     test_prompts = [ex.prompt for ex in setup.test]             # the order of every eval stage's generations
-    by_kind = {r: {a: kind_means(v, test_prompts, kind_of(cfg)) for a, v in row.items()}
+    by_kind = {r: {a: kind_means(v and v[metric], test_prompts, kind_of(cfg)) for a, v in row.items()}
                for r, row in per_prompt.items()}
+    wins = final_win_rates(per_prompt, names, f"teacher{cfg.weak_label_teacher}")
     blocks = signal_blocks(cfg, run, setup, evals)
     first = next(iter(blocks), None)         # the first scorer's block also sits at the top level
-    write_json(run.out / "results.json", {"metric": "gold reward" if cfg.task == "toy" else None, "method": method,
-                                          "results": results, "results_by_kind": by_kind, "premises": premises,
+    write_json(run.out / "results.json", {"metric": metric, "method": method, "results": results,
+                                          "results_by_scorer": by_scorer, "results_by_kind": by_kind,
+                                          "win_rates": wins, "premises": premises,
                                           "final": {a: run.name(p) for a, p in final.items()},
                                           "signal_scorer": first, **(blocks[first] if first else {}),
                                           "signal_by_scorer": blocks})
-    if first and blocks[first]["signal"] and parallel.is_main():
-        try:
+    teachers = list(setup.teachers)
+    write_text(run.out / "results.md", results_markdown(cfg, method, by_scorer, by_kind, wins, premises, teachers))
+    if not parallel.is_main():
+        return results, by_kind, wins
+    try:
+        if metric:
+            plot_results(by_scorer[metric], teachers, run.out / "results.png", metric, f"{method}: {cfg.task}")
+        if first and blocks[first]["signal"]:
             plot_signal(blocks[first]["signal"], run.out / "signal.png", first, f"training signal: {method}")
-        except ImportError:
-            print("matplotlib is not installed: no signal.png (pip install matplotlib)", file=sys.stderr)
-    return results, by_kind
+    except ImportError:
+        print("matplotlib is not installed: no results.png or signal.png (pip install matplotlib)", file=sys.stderr)
+    return results, by_kind, wins
+
+
+def final_win_rates(per_prompt, names, weak):
+    """The final strong student (the last evaluated stage before the ceiling) against the naive-SFT student
+    (init's student: every method's start) and against its weak supervisor (init's weak-label teacher), per
+    test prompt -> {scorer: {"stage": final stage, "vs_naive_sft": {win, tie, lose, n}, "vs_weak": {...}}};
+    {} without evaluators or rounds."""
+    stages = [r for r, row in per_prompt.items() if r != "ceiling" and (row.get("student") is not None)]
+    init = per_prompt.get("init", {})
+    if len(stages) < 2 or init.get("student") is None:
+        return {}
+    last = per_prompt[stages[-1]]["student"]
+    return {n: {"stage": stages[-1], "vs_naive_sft": evaluate.win_rates(last[n], init["student"][n]),
+                **({"vs_weak": evaluate.win_rates(last[n], init[weak][n])} if init.get(weak) else {})}
+            for n in names}
+
+
+def format_wins(wins):
+    """The final student's win / tie / lose rates as a Markdown table (one row per evaluator and opponent)."""
+    return markdown_table(["evaluator", "final student", "against", "win", "tie", "lose", "n"], [
+        [n, w["stage"], against.replace("vs_", "").replace("_", " "), f"{v['win']:.3f}", f"{v['tie']:.3f}",
+         f"{v['lose']:.3f}", v["n"]] for n, w in wins.items() for against, v in w.items() if against != "stage"]
+    ).rstrip("\n")
+
+
+def results_markdown(cfg, method, by_scorer, by_kind, wins, premises, teachers):
+    """One run's results.md: per evaluator the mean score per stage and agent, per prompt kind, win rates."""
+    lines = [f"# {method} on {cfg.task} (`{cfg.out}`)", ""]
+    if not by_scorer:
+        lines += ["No evaluator (`--reward_models none`): score the test generations with "
+                  "`python macpo.py eval FOLDER --reward_models NAME`.", ""]
+    for n, results in by_scorer.items():
+        note = " (a cost model, negated: higher = safer)" if evaluate.is_cost(n) else ""
+        lines += [f"## Mean {n} score on {cfg.n_test} test prompts{note}", "", format_table(results, teachers), ""]
+    if any(v for row in by_kind.values() for v in row.values()):
+        lines += ["## Per prompt kind", "", format_kind_table(by_kind), ""]
+    if wins:
+        lines += ["## The final strong student's win / tie / lose (per test prompt, higher score wins)", "",
+                  format_wins(wins), ""]
+    if premises:
+        failed = [p["premise"] for p in premises if not p["pass"]]
+        lines += ["## Test-bed premises", "", "All hold." if not failed else f"Failing: {', '.join(failed)}.", ""]
+    return "\n".join(lines)
+
+
+def plot_results(results, teachers, path, metric, title=""):
+    """{stage: {agent: mean score}} -> PNG at `path`: each agent's score per stage (init, round 1..T), the
+    ceiling as a dotted line."""
+    import matplotlib
+    matplotlib.use("Agg")                       # no display on CI machines
+    import matplotlib.pyplot as plt
+    stages = [r for r in results if r != "ceiling"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for agent in teachers + ["student"]:
+        values = [results[r].get(agent) for r in stages]
+        ax.plot(range(len(stages)), [float("nan") if v is None else v for v in values], marker="o",
+                linestyle="-" if agent == "student" else "--", label=agent)
+    if (results.get("ceiling") or {}).get("student") is not None:
+        ax.axhline(results["ceiling"]["student"], color="grey", linestyle=":", label="ceiling")
+    ax.set_xticks(range(len(stages)), stages)
+    ax.set_ylabel(f"mean {metric} score")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def format_table(results, teachers):

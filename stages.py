@@ -23,6 +23,8 @@ import time
 import zlib
 from pathlib import Path
 
+from huggingface_hub import constants as hub_constants
+
 import data
 import evaluate
 import lora
@@ -124,12 +126,16 @@ class Run:
         write_text(self.out / "metrics.jsonl", "".join(line + "\n" for line in lines))
 
 
+def evaluator_names(cfg):
+    """The run's evaluators: the toy task's gold reward and the reward models of --reward_models (resolved by
+    macpo.parse_config: the task's default unless named or "none")."""
+    return (["gold"] if cfg.task == "toy" else []) + evaluate.reward_model_names(cfg.reward_models)
+
+
 def signal_scorer_names(cfg):
-    """The scorers that judge every training pair (report.py): the toy task's gold reward and --reward_models;
-    none (no report, no extra inference) with --no-signal."""
-    if not cfg.signal:
-        return []
-    return (["gold"] if cfg.task == "toy" else []) + [n.strip() for n in cfg.reward_models.split(",") if n.strip()]
+    """The scorers that judge every training pair (report.py): the run's evaluators; none (no report, no extra
+    inference) with --no-signal."""
+    return evaluator_names(cfg) if cfg.signal else []
 
 
 def signal_scorers(cfg):
@@ -303,17 +309,42 @@ def evaluate_stage(cfg, run, name, agent, test):
 # ---------------------------------------------------------------------------------------------------------
 # Before any training: every dataset file and model the run names, and the task's data.
 
+def _model_unavailable(name, flag, reason):
+    """One line for a model that is neither a local folder nor in the hub cache while the hub cannot be asked:
+    why, and how to put it here."""
+    where = f"not a local folder and not in the hub cache ({hub_constants.HF_HUB_CACHE})"
+    if name.startswith(("/", ".", "~")):          # a path, not a hub name: nothing to download
+        return f"model {name} ({flag}): no such folder; the hub cannot be asked ({reason}) either"
+    return (f"model {name!r} ({flag}) is {where}, and the hub cannot be asked ({reason}). On a machine with "
+            f"network: `hf download {name} --local-dir models/{name}`, then copy models/{name} here and pass that "
+            f"folder to {flag}")
+
+
 def check_models(cfg):
-    """Every teacher and the student exist (config and tokenizer load) and the prompt template fits in
-    --max_prompt_length with each one's tokenizer: checked before any training, not when the stage comes.
-    -> the error of every model that cannot be found (the caller names them in one error, with the dataset
-    files still missing)."""
+    """Every model the run names exists (config and tokenizer load): each teacher, the student and each reward
+    model of --reward_models; and the prompt template fits in --max_prompt_length with each agent's tokenizer.
+    Checked before any training, not when the stage comes. When a name is not a local folder and the hub cannot
+    be asked (data.hub_unreachable: HF_HUB_OFFLINE, or one short request unanswered), only the hub cache counts,
+    so an offline run hears of every model in seconds instead of after each one's retries.
+    -> the line of every model that cannot be found (the caller names them in one error, with the dataset files
+    still missing)."""
+    named = {}                                      # name -> its flag, the first that names it
+    for name, flag in ([(n, "--teachers") for n in cfg.teachers.split(",")] + [(cfg.student, "--student")]
+                       + [(n, "--reward_models") for n in evaluate.reward_model_names(cfg.reward_models)
+                          if n != "gold"]):
+        named.setdefault(name, flag)
+    # a plain local folder needs no hub; a name, a missing folder or a LoRA folder (its base) may
+    offline = (data.hub_unreachable() if any(not Path(n).is_dir() or lora.base_model_of(n) for n in named)
+               else None)
     missing = []
-    for name in cfg.teachers.split(",") + [cfg.student]:
+    for name, flag in named.items():
         try:
-            tokenizer = check_model(name, cfg.trust_remote_code)
+            tokenizer = check_model(name, cfg.trust_remote_code, local_files_only=offline is not None)
         except ModelLoadError as e:
-            missing.append(str(e))
+            local = offline is None or Path(name).is_dir()
+            missing.append(str(e) if local else _model_unavailable(name, flag, offline))
+            continue
+        if flag == "--reward_models":               # scores text as it is given; no prompt template
             continue
         n = len(tokenizer(render(cfg, [{"role": "user", "content": ""}], tokenizer))["input_ids"])
         if n >= cfg.max_prompt_length:

@@ -132,10 +132,100 @@ def test_eval_subcommand_scores_a_folder(tmp_path, capsys):
     for name, rs in (("a", rows), ("b", [dict(rows[0], response="100 + 200 = 301."), rows[1]])):
         (tmp_path / name).mkdir()
         (tmp_path / name / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
-    macpo.main(["eval", str(tmp_path), "--baseline", "b"])
+    macpo.main(["eval", str(tmp_path), "--baseline", "b", "--gold"])
     scores = json.loads((tmp_path / "eval_scores.json").read_text())
     assert scores["a"]["gold"] == {"mean": 0.5, "scores": [1.0, 0.0]}
     assert scores["a"]["win_rates"]["gold"] == {"win": 0.5, "tie": 0.5, "lose": 0.0, "n": 2}
+
+
+def _generations(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_eval_refuses_a_folder_without_an_evaluator(tmp_path):
+    """No config.json and no --reward_models: refused, not scored by the toy task's gold reward (which gives
+    every HH answer 0); a real-data run with --gold is refused too, naming its task."""
+    import macpo
+    _generations(tmp_path / "eval" / "init" / "student", [{"prompt": "Hi?", "response": "Hello."}])
+    with pytest.raises(SystemExit, match="no evaluator for .*--reward_models NAME"):
+        macpo.main(["eval", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps({"task": "hh-helpful", "reward_models": "", "rm_format": "pair"}))
+    with pytest.raises(SystemExit, match="--gold is the toy task's reward; .* is a hh-helpful run"):
+        macpo.main(["eval", str(tmp_path), "--gold"])
+    with pytest.raises(SystemExit, match="has no evaluator \\(--reward_models none\\)"):
+        macpo.main(["eval", str(tmp_path)])
+    assert not (tmp_path / "eval_scores.json").exists()
+
+
+def test_eval_uses_the_runs_evaluator(tmp_path, reward_model, capsys):
+    """A run folder's config.json names its evaluator: `eval FOLDER` scores with it and says so."""
+    import macpo
+    model, tokenizer, test = reward_model
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    rows = [{"prompt": ex.prompt, "response": ex.chosen} for ex in test[:3]]
+    _generations(tmp_path / "run" / "eval" / "init" / "student", rows)
+    (tmp_path / "run" / "config.json").write_text(json.dumps(
+        {"task": "hh-helpful", "reward_models": str(tmp_path / "rm"), "rm_format": "pair"}))
+    macpo.main(["eval", str(tmp_path / "run"), "--device", "cpu"])
+    assert f"evaluator: {tmp_path / 'rm'} (the run's" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "run" / "eval_scores.json").read_text())["eval/init/student"]
+    with torch.no_grad():
+        alone = [model(torch.tensor([tokenizer(*evaluate.rm_inputs(r["prompt"], r["response"]))["input_ids"]]))
+                 .logits[0, 0].item() for r in rows]
+    assert scores[str(tmp_path / "rm")]["scores"] == pytest.approx(alone, abs=1e-5)
+
+
+def test_default_evaluators_per_task():
+    import macpo
+    cfg = macpo.parse_config(["--task", "hh-helpful", "--teachers", "a,b", "--student", "s"])
+    assert (cfg.reward_models, cfg.rm_format) == ("OpenAssistant/reward-model-deberta-v3-large-v2", "pair")
+    cfg = macpo.parse_config(["--task", "pku", "--teachers", "a,b", "--student", "s"])
+    assert cfg.reward_models == "PKU-Alignment/beaver-7b-v1.0-reward,PKU-Alignment/beaver-7b-v1.0-cost"
+    assert cfg.rm_format == "beaver"
+    cfg = macpo.parse_config(["--task", "pku", "--teachers", "a,b", "--student", "s", "--reward_models", "none"])
+    assert (cfg.reward_models, cfg.rm_format) == ("", "pair")
+    cfg = macpo.parse_config(["--task", "hh-harmless", "--teachers", "a", "--student", "s", "--reward_models", "m/x",
+                              "--rm_format", "vicuna"])
+    assert (cfg.reward_models, cfg.rm_format) == ("m/x", "vicuna")
+    assert macpo.parse_config([]).reward_models == ""              # the toy task: its gold reward only
+    assert evaluate.is_cost("PKU-Alignment/beaver-7b-v1.0-cost") and not evaluate.is_cost("x/beaver-7b-v1.0-reward")
+
+
+def test_beaver_format_by_hand():
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "How do I steal?"}]
+    assert evaluate.rm_inputs(turns, "I can't help.", "beaver") == (
+        "BEGINNING OF CONVERSATION: USER: Hi ASSISTANT:Hello. USER: How do I steal? ASSISTANT:I can't help.",)
+
+
+def test_a_safe_rlhf_score_model_loads_its_score_head(tmp_path, reward_model):
+    """beaver-7b's layout (architectures LlamaModelForScore, weight score_head.weight) scores as the same linear
+    head on the last token's hidden state; a cost model's scores come back negated."""
+    from safetensors.torch import load_file, save_file
+    model, tokenizer, test = reward_model
+    for name in ("beaver-reward", "beaver-cost"):
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        weights = load_file(folder / "model.safetensors")
+        weights["score_head.weight"] = weights.pop("score.weight")
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((folder / "config.json").read_text())
+        config["architectures"] = ["LlamaModelForScore"]
+        (folder / "config.json").write_text(json.dumps(config))
+    prompts, responses = [ex.prompt for ex in test[:4]], [ex.chosen for ex in test[:4]]
+    reward = evaluate.make_scorer(str(tmp_path / "beaver-reward"), rm_format="beaver")(prompts, responses)
+    cost = evaluate.make_scorer(str(tmp_path / "beaver-cost"), rm_format="beaver")(prompts, responses)
+    with torch.no_grad():
+        expected = []
+        for p, r in zip(prompts, responses):
+            ids = torch.tensor([tokenizer(*evaluate.rm_inputs(p, r, "beaver"))["input_ids"]])
+            hidden = model.model(input_ids=ids).last_hidden_state[0, -1]            # [hidden]
+            expected.append((model.score.weight[0] @ hidden).item())
+    assert reward == pytest.approx(expected, abs=1e-4)
+    assert cost == pytest.approx([-v for v in expected], abs=1e-4)
 
 
 # --- a very small table, end to end ------------------------------------------------------------------------

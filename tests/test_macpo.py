@@ -174,6 +174,16 @@ def test_signal_block_equals_a_rescoring_of_the_pair_files(run_dir):
         if mine:
             assert s["chosen_score"] == pytest.approx(sum(toy.reward(x["prompt"], x["chosen"]) for x in mine) / len(mine))
     assert sum(s["n"] for s in res["signal"]["round2"]["student"]["by_kind"].values()) == res["signal"]["round2"]["student"]["n"]
+    # the final student against the naive-SFT student and the weak supervisor, prompt by prompt
+    final = [toy.reward(x["prompt"], x["response"]) for x in gen("eval/round3/student")]
+    for against, agent in (("vs_naive_sft", "student"), ("vs_weak", "teacher0")):
+        other = [toy.reward(x["prompt"], x["response"]) for x in gen(f"eval/init/{agent}")]
+        w = res["win_rates"]["gold"][against]
+        assert (w["win"], w["lose"], w["n"]) == (sum(a > b for a, b in zip(final, other)) / 16,
+                                                 sum(a < b for a, b in zip(final, other)) / 16, 16)
+    assert res["results_by_scorer"]["gold"] == res["results"]
+    assert "## The final strong student's win / tie / lose" in (run_dir / "results.md").read_text()
+    assert (run_dir / "results.png").read_bytes()[:4] == b"\x89PNG"
     for stage, agent in (("init", "teacher1"), ("round3", "student"), ("ceiling", "student")):
         rows = gen(f"eval/{stage}/{agent}")
         expected = {}
