@@ -3,6 +3,7 @@
 Bottom layer of macpo: imports nothing from the project. Every (prompt, response) pair becomes token ids in
 exactly one place, `encode_many`, used by training, reference caching and perplexity scoring alike.
 """
+import functools
 import gzip
 import hashlib
 import json
@@ -235,7 +236,8 @@ def read_llamafactory(path):
 
     output is a string (SFT file: rejected=None) or a list [chosen, rejected] (pairwise file). A non-empty
     input is appended to the instruction after "\\n" (the alpaca convention). Errors name the file, the line
-    where the record starts, and its index in the list.
+    where the record starts, and its index in the list. Skipped and reported: an empty prompt, an empty
+    response, chosen == rejected.
     """
     examples, skipped, total = [], Counter(), 0
     for index, line, record in _json_list(path):
@@ -254,6 +256,9 @@ def read_llamafactory(path):
         else:
             raise DataError(f"{where}: field 'output' should be a string or a list [chosen, rejected] of two "
                             f"strings, got {output!r:.80}")
+        if not any(t["content"] for t in prompt):
+            skipped["empty prompt"] += 1
+            continue
         if reason := _skip_reason(chosen, rejected):
             skipped[reason] += 1
             continue
@@ -264,7 +269,8 @@ def read_llamafactory(path):
 
 def read_jsonl_pairs(path):
     """Your own data: JSONL of {"prompt": str or [{"role", "content"}, ...], "chosen": str, "rejected": str}.
-    "rejected" may be left out (SFT records). A list prompt must end with a user turn."""
+    "rejected" may be left out (SFT records). A list prompt must end with a user turn. Skipped and reported: an
+    empty prompt (every turn empty), an empty response, chosen == rejected."""
     examples, skipped, total = [], Counter(), 0
     for lineno, record in _json_lines(path):
         total += 1
@@ -283,6 +289,9 @@ def read_jsonl_pairs(path):
             prompt = [{"role": t["role"], "content": t["content"].strip()} for t in prompt]
         chosen = _field(record, "chosen", str, where).strip()
         rejected = _field(record, "rejected", str, where).strip() if record.get("rejected") is not None else None
+        if not any(t["content"] for t in prompt):
+            skipped["empty prompt"] += 1
+            continue
         if reason := _skip_reason(chosen, rejected):
             skipped[reason] += 1
             continue
@@ -305,20 +314,26 @@ def sniff_format(path):
             first = next((line for line in f if line.strip()), b"").lstrip()
         except (EOFError, OSError, zlib.error) as e:
             raise DataError(f"{path}: the file is truncated or corrupt ({e})") from None
+    if not first:
+        raise DataError(f"{path}: the file is empty")
     if first.startswith(b"["):
         return "llamafactory"
     try:
-        keys = set(json.loads(first))
-    except (ValueError, TypeError, RecursionError):
-        keys = set()
+        record = json.loads(first)
+    except (ValueError, RecursionError):
+        record = None
+    keys = set(record) if isinstance(record, dict) else set()
     if "response_0" in keys:
         return "pku"
     if {"prompt", "chosen"} <= keys:
         return "jsonl"
     if {"chosen", "rejected"} <= keys:
         return "hh"
-    raise DataError(f"{path}: cannot tell its format from the first record; name it explicitly, one of "
-                    f"{', '.join(READERS)}")
+    found = f"its keys are {', '.join(map(repr, sorted(keys)))}" if keys else "it is not a JSON object"
+    raise DataError(f"{path}: cannot tell the format from the first record ({found}). Expected a JSON list of "
+                    f"{{instruction, input, output}} (LLaMA-Factory), or JSON lines with prompt, chosen and rejected, "
+                    f"with prompt, response_0, response_1 and their labels (PKU-SafeRLHF), or with chosen and "
+                    f"rejected dialogues (HH-RLHF)")
 
 
 def read_any(path, fmt=None, order="safer"):
@@ -328,6 +343,20 @@ def read_any(path, fmt=None, order="safer"):
     if fmt not in READERS:
         raise DataError(f"unknown data format {fmt!r}; choose one of {', '.join(READERS)}")
     return read_pku(path, order) if fmt == "pku" else READERS[fmt](path)
+
+
+def require_pairs(examples):
+    """examples -> the same list, or DataError when any has no rejected response. MACPO's
+    D_init needs preference pairs: each weak teacher trains on the chosen responses and its negative twin on the
+    rejected ones, so a file of SFT records (one response per prompt, such as the release's pku_test_1k.json) is
+    refused when it is read, before any model loads, naming the first such record."""
+    singles = [e for e in examples if e.rejected is None]
+    if singles:
+        raise DataError(f"{singles[0].source}: this record has no rejected response ({len(singles)} of the file's "
+                        f"{len(examples)} records have none). MACPO needs preference pairs for D_init (each teacher's "
+                        f"negative twin trains on the rejected responses): give every record one, a \"rejected\" "
+                        f"field in JSON lines or \"output\": [chosen, rejected] in LLaMA-Factory JSON")
+    return examples
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,9 +423,39 @@ def _hub_reason(error):
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
-def _unavailable(name, subset, split, data_dir, cache_dir, error):
-    """One line for one missing file: what it is, where it is on the hub, why it could not be had, and the
-    command and path that put it where dataset_file looks in data_dir."""
+# Without a network huggingface_hub retries each request for about 25 s before giving up, so a run naming four
+# hub models would wait minutes to hear what it lacks. One short request first tells whether the hub answers at
+# all; when it does not, every check looks in local folders and the hub cache only.
+HUB_TIMEOUT = 3.0       # seconds: a slow link's TLS handshake fits, and an offline run still fails fast
+
+
+def hub_unreachable():
+    """Why the hub cannot be asked now, in a few words, or None when it can: HF_HUB_OFFLINE (huggingface_hub's
+    own switch) says so without a request; otherwise one HEAD request to the endpoint (HF_ENDPOINT), asked once
+    per process and endpoint."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    return _hub_answer(hub_constants.ENDPOINT)
+
+
+@functools.cache
+def _hub_answer(endpoint):
+    """None if `endpoint` answers a HEAD request within HUB_TIMEOUT seconds (any status below 500), else why not;
+    said once on stderr, as later loading would retry for minutes."""
+    try:
+        status = huggingface_hub.get_session().head(endpoint, timeout=HUB_TIMEOUT).status_code
+        reason = None if status < 500 else f"{endpoint} answered HTTP {status}"
+    except (HTTPError, OSError) as e:
+        reason = f"{endpoint} is unreachable: {type(e).__name__}: {str(e).strip()[:200] or 'no answer'}"
+    if reason:
+        print(f"{reason}. Looking in local folders and the hub cache only (HF_HUB_OFFLINE=1 skips this "
+              f"{HUB_TIMEOUT:g}-second check, and later loading's retries)", file=sys.stderr)
+    return reason
+
+
+def _unavailable(name, subset, split, data_dir, cache_dir, reason):
+    """One line for one missing file: what it is, where it is on the hub, why it could not be had (`reason`),
+    and the command and path that put it where dataset_file looks in data_dir."""
     repo, filename, folder = _hub_file(name, subset, split)
     url = huggingface_hub.hf_hub_url(repo, filename, repo_type="dataset", revision=REVISION)  # honours HF_ENDPOINT
     # The folder to download into: the dataset's own folder when data_dir already is one, else one below it.
@@ -406,7 +465,7 @@ def _unavailable(name, subset, split, data_dir, cache_dir, error):
              f"then pass --data_dir {root} (the file at {into / filename})")
     local = f"--data_dir {data_dir} or " if data_dir else ""
     return (f"{name} {subset} {split} (dataset {repo}, file {filename}, {url}) is not in {local}the hub cache "
-            f"({cache_dir or hub_constants.HF_HUB_CACHE}) and could not be fetched ({_hub_reason(error)}). On a "
+            f"({cache_dir or hub_constants.HF_HUB_CACHE}) and could not be fetched ({reason}). On a "
             f"machine with network: `hf download {repo} {filename} --repo-type dataset --local-dir {into}`, {place}")
 
 
@@ -437,28 +496,33 @@ def dataset_file(name, subset, split, data_dir=None, cache_dir=None):
 
     A hub file with a known sha256 is checked on every call, fresh or cached: a mismatch raises DataError and
     the file is not returned. A file neither cached nor reachable (HF_HUB_OFFLINE, no network, a 404) raises
-    DataError saying where it is on the hub and where to put it in data_dir.
+    DataError saying where it is on the hub and where to put it in data_dir. With the hub unreachable
+    (hub_unreachable) only the cache is looked in.
     """
     repo, filename, folder = _hub_file(name, subset, split)
     if local := _local_file(data_dir, folder, filename):
         return local
+    offline = hub_unreachable()
     try:
         path = huggingface_hub.hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset",
-                                               revision=REVISION, cache_dir=cache_dir)
+                                               revision=REVISION, cache_dir=cache_dir,
+                                               local_files_only=offline is not None)
     except HUB_ERRORS as e:
-        raise DataError(_unavailable(name, subset, split, data_dir, cache_dir, e)) from None
+        raise DataError(_unavailable(name, subset, split, data_dir, cache_dir, offline or _hub_reason(e))) from None
     if known := KNOWN_FILES.get((name, subset, split)):
         _check_known(path, known, f"{repo}/{filename} ({path})")
     return Path(path)
 
 
-def _probe(repo, filename, cache_dir):
+def _probe(repo, filename, cache_dir, ask_hub):
     """Raise what hf_hub_download would raise for this file, without downloading it: a cached file passes, an
-    uncached one costs one metadata request (refused at once when HF_HUB_OFFLINE is set)."""
+    uncached one raises LocalEntryNotFoundError, or with ask_hub costs one metadata request instead."""
     try:
         huggingface_hub.hf_hub_download(repo_id=repo, filename=filename, repo_type="dataset", revision=REVISION,
                                         cache_dir=cache_dir, local_files_only=True)
     except LocalEntryNotFoundError:
+        if not ask_hub:
+            raise
         huggingface_hub.get_hf_file_metadata(
             huggingface_hub.hf_hub_url(repo, filename, repo_type="dataset", revision=REVISION))
 
@@ -466,16 +530,18 @@ def _probe(repo, filename, cache_dir):
 def missing_dataset_files(requests, data_dir=None, cache_dir=None):
     """[(name, subset, split), ...] -> one line, as dataset_file's error words it, for each file that is in
     neither data_dir nor the hub cache and that the hub cannot give now; [] when every one is there or reachable.
-    Downloads nothing, so that a run can name everything it lacks, data and models, before any compute."""
+    Downloads nothing, so that a run can name everything it lacks, data and models, before any compute. The hub
+    is asked only for a file in neither place, and not at all when it is unreachable (hub_unreachable)."""
     missing = []
     for name, subset, split in requests:
         repo, filename, folder = _hub_file(name, subset, split)
         if _local_file(data_dir, folder, filename):
             continue
+        offline = hub_unreachable()
         try:
-            _probe(repo, filename, cache_dir)
+            _probe(repo, filename, cache_dir, ask_hub=offline is None)
         except HUB_ERRORS as e:
-            missing.append(_unavailable(name, subset, split, data_dir, cache_dir, e))
+            missing.append(_unavailable(name, subset, split, data_dir, cache_dir, offline or _hub_reason(e)))
     return missing
 
 
@@ -568,8 +634,9 @@ def render_prompt(turns, template="vicuna", tokenizer=None, system=None):
             raise DataError("--template chat needs a tokenizer with a chat template; use vicuna or alpaca instead")
         messages = ([{"role": "system", "content": system}] if system else []) + list(turns)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # tokenizer(prompt) adds BOS itself (see encode); drop the template's textual copy so it is not doubled.
-        if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        # A tokenizer that adds BOS itself (Llama's; see encode_many) would double the template's textual copy:
+        # drop that one. One that never adds it (GPT-2 style, whose BOS is its EOS) keeps whatever the template wrote.
+        if added_bos_id(tokenizer) is not None and text.startswith(tokenizer.bos_token):
             text = text[len(tokenizer.bos_token):]
         return text
     raise DataError(f"unknown --template {template!r}; choose one of {', '.join(TEMPLATES)}")
@@ -578,8 +645,17 @@ def render_prompt(turns, template="vicuna", tokenizer=None, system=None):
 # ---------------------------------------------------------------------------------------------------------
 # Tokenization: prompt + response + EOS, loss on the response and the EOS only.
 
+def added_bos_id(tokenizer):
+    """The BOS id the tokenizer puts in front of every text itself, else None. Llama's and Mistral's add one;
+    Qwen2.5's has no BOS token; GPT-2's, SmolLM2's and pythia's have one (the same token as EOS) but never add it,
+    so a prompt that starts with that id starts with text, not with a BOS to keep."""
+    bos_id = tokenizer.bos_token_id
+    return bos_id if bos_id is not None and tokenizer("", verbose=False)["input_ids"][:1] == [bos_id] else None
+
+
 def truncate_prompt(prompt_ids, max_prompt_length, bos_id=None):
-    """Keep the END of a prompt (the turn being answered), at most max_prompt_length ids; a leading BOS stays."""
+    """Keep the END of a prompt (the turn being answered), at most max_prompt_length ids; a leading bos_id stays
+    (pass added_bos_id(tokenizer): None for a tokenizer that adds none)."""
     if len(prompt_ids) <= max_prompt_length:
         return prompt_ids
     has_bos = bos_id is not None and prompt_ids[:1] == [bos_id]
@@ -595,9 +671,9 @@ def encode_many(tokenizer, prompts, responses, max_length, max_prompt_length=Non
     response ids = tokenizer(response, add_special_tokens=False) + [eos]
     loss_mask is 1 exactly on the response ids (EOS included), 0 on the prompt.
     Too long for max_length: first keep the END of the prompt (at most max_prompt_length tokens, default
-    max_length // 2, the BOS kept in front), then cut the response's tail; a cut response loses its EOS too,
-    so the model is never taught to stop mid-sentence. One tokenizer call per side for many pairs: the same
-    ids as one call per text, without the per-call overhead.
+    max_length // 2, a BOS the tokenizer adds kept in front), then cut the response's tail; a cut response
+    loses its EOS too, so the model is never taught to stop mid-sentence. One tokenizer call per side for many
+    pairs: the same ids as one call per text, without the per-call overhead.
     """
     max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
     # A prompt allowed to fill max_length would leave no room for the response (and made the cut below a
@@ -610,16 +686,29 @@ def encode_many(tokenizer, prompts, responses, max_length, max_prompt_length=Non
     if not prompts:
         return []
     encoded, chunk = [], 4096          # a tokenizer call's output for 288,000 rows at once took 0.5 GB more
+    bos_id = added_bos_id(tokenizer)
+    # verbose=False: texts longer than the tokenizer's model_max_length are cut here, so its warning that they
+    # would overflow the model is wrong (and came once per tokenizer loaded)
     for start in range(0, len(prompts), chunk):
         for prompt_ids, response_ids in zip(
-                tokenizer(list(prompts[start:start + chunk]))["input_ids"],
-                tokenizer(list(responses[start:start + chunk]), add_special_tokens=False)["input_ids"]):
+                tokenizer(list(prompts[start:start + chunk]), verbose=False)["input_ids"],
+                tokenizer(list(responses[start:start + chunk]), add_special_tokens=False, verbose=False)["input_ids"]):
             response_ids = response_ids + [tokenizer.eos_token_id]
             if len(prompt_ids) + len(response_ids) > max_length:
-                prompt_ids = truncate_prompt(prompt_ids, max_prompt_length, tokenizer.bos_token_id)
+                prompt_ids = truncate_prompt(prompt_ids, max_prompt_length, bos_id)
                 response_ids = response_ids[:max_length - len(prompt_ids)]
             encoded.append((prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)))
     return encoded
+
+
+def encode_prompts(tokenizer, prompts, max_prompt_length):
+    """[rendered prompt text] -> [prompt ids], each as encode_many's prompt side (the tokenizer's own BOS, the END
+    kept when longer than max_prompt_length): what generation conditions on."""
+    if not prompts:
+        return []
+    bos_id = added_bos_id(tokenizer)
+    return [truncate_prompt(ids, max_prompt_length, bos_id)
+            for ids in tokenizer(list(prompts), verbose=False)["input_ids"]]
 
 
 def pad_id(tokenizer):

@@ -69,8 +69,9 @@ def gold_scores(prompts, responses):
     return [toy.reward(p, r) for p, r in zip(prompts, responses)]
 
 
-def load_reward_model(name_or_path, device="cpu", trust_remote_code=False):
-    """Any AutoModelForSequenceClassification (bf16 on CUDA, float32 on CPU) and its tokenizer, in eval mode.
+def load_reward_model(name_or_path, device="cpu", trust_remote_code=False, dtype="auto"):
+    """Any AutoModelForSequenceClassification, its weights in `dtype` (--dtype: "auto" is bf16 on CUDA, float32
+    on CPU), and its tokenizer, in eval mode.
 
     safe-rlhf's score models (beaver-7b: architectures ["LlamaModelForScore"], a bias-free `score_head` read at
     the last token) load as the architecture's ...ForSequenceClassification with one label, `score_head`'s
@@ -83,13 +84,14 @@ def load_reward_model(name_or_path, device="cpu", trust_remote_code=False):
     if score_model:
         config.num_labels, config.architectures = 1, None
     model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config,
-                                                               trust_remote_code=trust_remote_code)
+                                                               trust_remote_code=trust_remote_code,
+                                                               **parallel.dtype_kwargs(device, dtype))
     if score_model:
         _load_score_head(model, name_or_path)
     data.ensure_pad_token(tokenizer)
     if model.config.pad_token_id is None:       # the classifier pools at the last non-pad token: it needs one
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device=device, dtype=parallel.dtype_for(device)).eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def _load_score_head(model, name_or_path):
@@ -158,7 +160,8 @@ def reward_model_scores(model, tokenizer, prompts, responses, batch_size=16, max
     return out
 
 
-def make_scorer(name, device="cpu", batch_size=16, max_length=1024, rm_format="pair", trust_remote_code=False):
+def make_scorer(name, device="cpu", batch_size=16, max_length=1024, rm_format="pair", trust_remote_code=False,
+                dtype="auto"):
     """name "gold" or a reward model -> f(prompts, responses) -> [float], higher = better (a cost model's
     scores negated). The model is loaded on first use."""
     if name == "gold":
@@ -167,7 +170,7 @@ def make_scorer(name, device="cpu", batch_size=16, max_length=1024, rm_format="p
 
     def score(prompts, responses):
         if not loaded:
-            loaded["model"], loaded["tokenizer"] = load_reward_model(name, device, trust_remote_code)
+            loaded["model"], loaded["tokenizer"] = load_reward_model(name, device, trust_remote_code, dtype)
         return [sign * v for v in reward_model_scores(loaded["model"], loaded["tokenizer"], prompts, responses,
                                                       batch_size, max_length, rm_format)]
     return score
@@ -482,12 +485,15 @@ def main(argv=None):
     parser.add_argument("--baseline", default=None, help="win / tie / lose of every file against this one")
     parser.add_argument("--tie_margin", type=float, default=0.0, help="score differences up to this are ties")
     parser.add_argument("--device", default=parallel.default_device())
+    parser.add_argument("--dtype", default="auto", choices=("auto",) + tuple(parallel.DTYPES),
+                        help="the reward models' weights: auto = bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_length", type=int, default=1024)
     args = parser.parse_args(argv)
     names, rm_format, why = run_evaluators(args.folder, args.reward_models, args.gold, args.rm_format)
     print(f"evaluator: {', '.join(names)} ({why})")
-    scorers = {n: make_scorer(n, args.device, args.batch_size, args.max_length, rm_format) for n in names}
+    scorers = {n: make_scorer(n, args.device, args.batch_size, args.max_length, rm_format, dtype=args.dtype)
+               for n in names}
     results = evaluate_folder(args.folder, scorers, args.baseline, args.tie_margin)
     out = Path(args.folder) / "eval_scores.json"
     out.write_text(json.dumps({n: {k: v for k, v in r.items() if k != "prompts"} for n, r in results.items()},

@@ -7,6 +7,7 @@ import inspect
 import re
 
 import data
+import parallel
 
 
 def flag_help(config_class):
@@ -59,10 +60,12 @@ def validate(cfg, methods):
                "loss_type": ("sigmoid", "ipo"), "pku_order": ("safer", "better"),
                "identical_pairs": ("drop", "keep"), "rm_format": ("auto", "pair", "beaver") + tuple(data.TEMPLATES),
                "lora": ("none", "all", "student", "teachers"), "parallel": ("ddp", "fsdp"),
-               "method": tuple(methods), "self_judge": ("likelihood", "llm")}
+               "method": tuple(methods), "self_judge": ("likelihood", "llm"), "dtype": ("auto",) + tuple(parallel.DTYPES)}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
-            p.append(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
+            p.append(f"--{name} {getattr(cfg, name)!r} is not one of {', '.join(allowed)}"
+                     + (" (float16 needs loss scaling, which this code does not do; bfloat16 has float32's range)"
+                        if name == "dtype" and getattr(cfg, name) in ("float16", "fp16", "half") else ""))
     if cfg.K < 1:
         p.append("--n_teachers must be at least 1")
     if not 0 <= cfg.weak_label_teacher < cfg.K:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import data
 import parallel
-from data import collate, encode_many, truncate_prompt
+from data import collate, encode_many
 from losses import token_logps
 
 
@@ -62,12 +62,32 @@ class ScoredLM(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, rows, cols, position_ids=None, cache=None, use_cache=False):
+    def forward(self, input_ids, attention_mask, rows, cols, position_ids=None, cache=None, use_cache=False,
+                float32_head=True):
         backbone = _backbone(self.model)
         kv = {"use_cache": True, _cache_kwarg(backbone): cache} if use_cache else {}
         out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kv)
-        logits = self.model.get_output_embeddings()(out.last_hidden_state[rows, cols])  # [B, T, H] -> [N, V]
+        logits = head_logits(self.model, out.last_hidden_state[rows, cols], float32_head)  # [B, T, H] -> [N, V]
         return (logits, out.past_key_values) if use_cache else logits
+
+
+def head_logits(model, hidden, float32=True):
+    """The LM head on hidden states [N, H] -> logits [N, V]; float32: computed in float32 from the weights as
+    they are (bf16 -> float32 is exact), so the logits are not rounded to bf16.
+
+    A bf16 logit z keeps 8 significant bits: at |z| = 10 it is off by up to 2^-5 = 0.03, which log p(y) =
+    z_y - logsumexp(z) takes whole, token after token, and which makes one sequence score differently in two
+    batch layouts when the rounding falls either side. Scoring, reference log-probs and the training loss all
+    use this float32 head, so the DPO policy and its reference see one function (the MiniMax-M1 report,
+    arXiv:2506.13585, traced its training/inference probability mismatch to the bf16 head). Costs a float32 copy of
+    the [V, H] weight per call and float32 matrix products for the head; generation (float32=False) skips it:
+    it would pay the copy at every decoding step, and sampling needs only the logits' order. A head that is not
+    a plain nn.Linear (LoRA on lm_head) runs as it is."""
+    head = model.get_output_embeddings()
+    if not float32 or hidden.dtype == torch.float32 or type(head) is not torch.nn.Linear:
+        return head(hidden)
+    bias = None if head.bias is None else head.bias.float()
+    return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
 
 
 def scorer_for(model):
@@ -130,6 +150,12 @@ def _device(model):
     return next(model.parameters()).device
 
 
+def activation_dtype(model):
+    """The hidden states' dtype, which an additive attention mask must share: the input embeddings' (a model's
+    first parameter may be something else, e.g. a float32 LoRA adapter)."""
+    return model.get_input_embeddings().weight.dtype
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Scoring many responses to one prompt: the prompt runs through the model once.
 #
@@ -159,7 +185,7 @@ def packable(model):
             g, V = torch.Generator().manual_seed(0), model.get_input_embeddings().num_embeddings
             prompt = torch.randint(V, (6,), generator=g).tolist()
             encoded = [(prompt + torch.randint(V, (4,), generator=g).tolist(), [0] * 6 + [1] * 4) for _ in range(2)]
-            device, dtype, training = _device(model), next(model.parameters()).dtype, model.training
+            device, dtype, training = _device(model), activation_dtype(model), model.training
             model.eval()
             with torch.no_grad():
                 packed, _ = packed_sequence_logps(scorer_for(model), pack_rows(encoded, 16), 2, 0, dtype, device)
@@ -296,11 +322,17 @@ def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progres
     """Summed log-probs of the loss-masked tokens of each encoded pair and their count: (logps [N] float32,
     n_tokens [N] long) on the CPU, in input order, from packed rows (above) of at most row_tokens tokens, at
     most batch_size rows at a time, batches cut at 10% padding. Equal to sequence_logps on each pair alone, without
-    re-running shared prompts."""
-    device, dtype = _device(model), next(model.parameters()).dtype
+    re-running shared prompts. Identical pairs are scored once and get the very same value."""
+    device, dtype = _device(model), activation_dtype(model)
     pack, sharded = packable(model), is_sharded(model)
-    rows = pack_rows(encoded, row_tokens, share_prompts) if pack else [[i] for i in range(len(encoded))]
-    lengths = [row_length(row) for row in rows] if pack else [len(ids) for ids, _ in encoded]
+    # Identical pairs (K teachers who gave one answer; a chosen equal to its rejected) are scored once: in bf16
+    # two copies in different places of a batch differ in their last bits, and the perplexity pick's argmin
+    # would then choose between equal texts by that noise instead of by the lowest teacher index.
+    slots = {}                                                      # (input_ids, loss_mask) -> its unique index
+    of = [slots.setdefault((tuple(ids), tuple(mask)), len(slots)) for ids, mask in encoded]     # [N]
+    unique = [(list(ids), list(mask)) for ids, mask in slots]
+    rows = pack_rows(unique, row_tokens, share_prompts) if pack else [[i] for i in range(len(unique))]
+    lengths = [row_length(row) for row in rows] if pack else [len(ids) for ids, _ in unique]
     batches = length_sorted_batches(lengths, batch_size, 0.1)
     done = []
     # with several processes each rank scores its share of the batches; gather restores the input order
@@ -309,19 +341,20 @@ def packed_logps(model, encoded, pad_id, batch_size=32, row_tokens=1024, progres
         batch = [rows[r] for r in idx]
         if pack:
             ids = [r.pair for row in batch for doc in row for r in doc.responses]
-            logps, n = packed_sequence_logps(scorer_for(model), batch, len(encoded), pad_id, dtype, device)
+            logps, n = packed_sequence_logps(scorer_for(model), batch, len(unique), pad_id, dtype, device)
             logps, n = logps[ids], n[ids]
         else:
             ids = [row[0] for row in batch]
-            b = collate([encoded[i] for i in ids], pad_id)
+            b = collate([unique[i] for i in ids], pad_id)
             logps, n = sequence_logps(model, b["input_ids"].to(device), b["attention_mask"].to(device), b["loss_mask"])
         if not padding:
             done += zip(ids, zip(logps.float().cpu().tolist(), n.tolist()))      # one sync per batch
     _reshard(scorer_for(model), sharded)
     gathered = parallel.gather(done)
-    assert [i for i, _ in gathered] == list(range(len(encoded))), "packed_logps lost or repeated a pair"
-    logps, n = zip(*[v for _, v in gathered]) if encoded else ((), ())
-    return torch.tensor(logps, dtype=torch.float32), torch.tensor(n, dtype=torch.long)
+    assert [i for i, _ in gathered] == list(range(len(unique))), "packed_logps lost or repeated a pair"
+    logps, n = zip(*[v for _, v in gathered]) if unique else ((), ())
+    of = torch.tensor(of, dtype=torch.long)
+    return torch.tensor(logps, dtype=torch.float32)[of], torch.tensor(n, dtype=torch.long)[of]
 
 
 def perplexity(model, tokenizer, prompts, responses, batch_size=32, max_length=1024, max_prompt_length=None,
@@ -375,7 +408,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top
     device, scorer, sharded = _device(model), scorer_for(model), is_sharded(model)
     eos_id = tokenizer.eos_token_id
     pad_id = data.pad_id(tokenizer)
-    encoded = [truncate_prompt(tokenizer(p)["input_ids"], max_prompt_length, tokenizer.bos_token_id) for p in prompts]
+    encoded = data.encode_prompts(tokenizer, prompts, max_prompt_length)
     done = []
     batches = list(enumerate(length_sorted_batches([len(e) for e in encoded], batch_size)))
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress or not parallel.is_main(), leave=False)
@@ -396,7 +429,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=128, temperature=1.0, top
         for t in range(max_new_tokens):
             # the head at each row's last position only: [B, V]
             logits, cache = scorer(step_ids, attention_mask, last, torch.full_like(last, step_ids.shape[1] - 1),
-                                   position_ids, cache=cache, use_cache=True)
+                                   position_ids, cache=cache, use_cache=True, float32_head=False)
             token = _sample(logits, temperature, top_p, generator).masked_fill(finished, pad_id)     # [B]
             new_tokens[:, t] = token
             finished |= token == eos_id

@@ -16,10 +16,27 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def dtype_for(device):
-    """The weights' dtype on `device`: bf16 on CUDA, float32 on CPU (a CPU runs bf16 matrix products 10-100x
-    slower than fp32)."""
-    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}       # --dtype's choices besides "auto"
+
+
+def dtype_for(device, dtype="auto"):
+    """The weights' dtype (--dtype) -> a torch dtype. "auto": bf16 on CUDA, float32 on CPU (a CPU runs bf16
+    matrix products 10-100x slower than fp32). float16 is not offered: without loss scaling its 5-bit exponent
+    flushes small gradients to zero, and bf16 has float32's range."""
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return DTYPES[dtype]
+
+
+def dtype_kwargs(device, dtype="auto"):
+    """The keyword that makes transformers' from_pretrained / from_config build the weights in dtype_for(device,
+    dtype): {"dtype": ...} ("torch_dtype" before transformers 4.56). Building in the dtype, rather than
+    model.to(dtype) after, keeps the buffers transformers computes in float32 in float32: Llama's rotary
+    inv_freq cast to bf16 is off by up to 2^-9 of itself, which at position 1000 turns an angle by up to ~1
+    radian."""
+    from importlib.metadata import version
+    major, minor = (int(x) for x in version("transformers").split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype_for(device, dtype)}
 
 
 def setup(device):

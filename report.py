@@ -300,7 +300,7 @@ def run_evaluators(cfg, run):
     """{name: f(prompts, responses) -> [float]} for the run's evaluators (stages.evaluator_names), sharing the
     signal's already loaded reward models, in one ScoreCache so a response is scored once."""
     return evaluate.ScoreCache({n: run.score.scorers.get(n) or evaluate.make_scorer(
-        n, cfg.device, cfg.score_batch_size, cfg.max_length, cfg.rm_format, cfg.trust_remote_code)
+        n, cfg.device, cfg.score_batch_size, cfg.max_length, cfg.rm_format, cfg.trust_remote_code, cfg.dtype)
         for n in evaluator_names(cfg)})
 
 
@@ -460,7 +460,7 @@ def table(cfg, seeds, methods, initialise, ceiling_stage, run_methods, scorer_na
     OUT/rounds.png and OUT/table.json. Algorithm 1 comes in from macpo.py (which this module does not import):
     initialise, ceiling_stage and run_methods ({--method: (cfg, run, setup, prefix) -> (evals, final)})."""
     t0 = time.time()
-    scorer = evaluate.make_scorer(scorer_name, cfg.device, cfg.score_batch_size, cfg.max_length)
+    scorer = evaluate.make_scorer(scorer_name, cfg.device, cfg.score_batch_size, cfg.max_length, dtype=cfg.dtype)
     per_seed, reference = {m: {} for m in methods}, {}
     cache = str(toy.base_cache(cfg))     # every seed's folder is OUT/seed{S}; the toy bases sit beside OUT
     for seed in seeds:

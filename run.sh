@@ -11,6 +11,7 @@
 #   bash run.sh pku        # PKU-SafeRLHF
 #   bash run.sh paper      # the paper's models (3 x 7-8B weak teachers, Llama-2-70b student)
 #   bash run.sh bench      # speed vs the naive scripts, measured side by side; writes runs/bench/bench.json
+#   bash run.sh gpu        # on a GPU machine: does it run, how fast (toy job in bf16, benchmark at 0.8B), < 8 min
 #
 # Extra arguments pass through as flags and override the preset's (python macpo.py --help lists them all), e.g.
 #   bash run.sh hh --student models/Qwen2.5-1.5B --data_dir ../shared/data/hh-rlhf --train_split test
@@ -24,7 +25,12 @@ HH_STUDENT="Qwen/Qwen2.5-1.5B"
 PAPER_TEACHERS="meta-llama/Llama-2-7b-hf,mistralai/Mistral-7B-v0.1,meta-llama/Meta-Llama-3-8B"
 PAPER_STUDENT="meta-llama/Llama-2-70b-hf"
 
-# --- environment: .venv from requirements.txt, rebuilt when requirements.txt changes
+# --- environment: .venv from requirements.txt, rebuilt when requirements.txt changes. `gpu` first takes a
+# python3 that already has torch with CUDA and transformers (a GPU machine's own, offline): a venv there would
+# need downloads.
+if [ "${1:-}" = gpu ] && python3 -c 'import torch, transformers; assert torch.cuda.is_available()' 2>/dev/null; then
+  exec python3 -m bench.gpu "${@:2}"
+fi
 if [ ! -f .venv/.requirements ] || ! cmp -s requirements.txt .venv/.requirements; then
   echo "setting up .venv from requirements.txt ..."
   rm -rf .venv
@@ -76,6 +82,10 @@ case "$preset" in
       --n_init 5000 --n_w2s 5000 --n_test 2000 --template vicuna $REAL "$@" ;;
   bench)     # speed of scoring, generation and the preference step vs the naive scripts, side by side (CPU, <10 min)
     exec $PY -m bench "$@" ;;
+  gpu)       # one H200, under 8 minutes: the toy job on CUDA in bf16 beside the CPU run, and scoring, generation,
+             # update and bf16/fp32 pick agreement at a 0.8B random Llama; runs/gpu/gpu.json and gpu.md
+             # (bench/gpu.py). `gpu --device cpu --tiny`: the same code paths at tiny sizes on a CPU
+    exec $PY -m bench.gpu "$@" ;;
   test)      # everything (CI); `test fast`: losses, scoring, generation, data, LoRA, the toy task and one
              # smoke run, for someone changing a loss (tests marked slow left out)
     if [ "${1:-}" = fast ]; then
@@ -95,6 +105,6 @@ case "$preset" in
     fi
     exec $PY macpo.py table --out runs/table --seeds 0,1,2,3,4 --n_init 700 --n_w2s 700 --n_test 1200 $TOY "$@" ;;
   *)
-    echo "unknown preset '$preset': choose toy, smoke, hh, harmless, pku, paper, bench, table or test" >&2
+    echo "unknown preset '$preset': choose toy, smoke, hh, harmless, pku, paper, bench, gpu, table or test" >&2
     exit 2 ;;
 esac

@@ -78,12 +78,12 @@ def whole(t):
 # whole model on any rank: a rank holds its 1/W of the weights plus, while saving, one whole weight and at most
 # one file's worth of them (rank 0).
 
-def load_sharded(name_or_path, device="cpu", trust_remote_code=False, new_lora=None):
+def load_sharded(name_or_path, device="cpu", trust_remote_code=False, new_lora=None, dtype="auto"):
     """A causal LM from a local folder with safetensors weights (model.safetensors or model.safetensors.index.json),
     split across the torchrun ranks as it loads -> (model, tokenizer). Every decoder layer and then the root are
     fully_shard-ed (FSDP2), so each parameter is a DTensor whose dim 0 is cut across the ranks as torch.chunk cuts
     it; model(...) gathers one layer at a time. Every rank calls this (the sharding is collective); with one
-    process use train.load_model. dtype as load_model: bf16 on CUDA, float32 on CPU. Weights missing from the
+    process use train.load_model. dtype (--dtype) as load_model: "auto" is bf16 on CUDA, float32 on CPU. Weights missing from the
     checkpoint, or checkpoint tensors the model has no place for, are an error (from_pretrained would initialise
     the first at random). Its forward passes go through its FSDP root (generate.scorer_for): generate,
     perplexity, reference_logps and train() take it as they take any model.
@@ -112,8 +112,9 @@ def load_sharded(name_or_path, device="cpu", trust_remote_code=False, new_lora=N
                              f"(`hf download NAME --local-dir models/NAME`) and pass that folder.")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with torch.device("meta"):                         # shapes and dtypes only, no storage, no random init
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    model.to(parallel.dtype_for(device))                 # still on meta; buffers too, as load_model's .to(dtype)
+        # built in the weights' dtype, as load_model's from_pretrained: the rotary buffers stay float32
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
+                                                 **parallel.dtype_kwargs(device, dtype))
     if new_lora:
         lora.add_lora(model, *new_lora)                  # on meta too; float32 adapters, filled below
     _shard(model)

@@ -141,7 +141,7 @@ def signal_scorer_names(cfg):
 def signal_scorers(cfg):
     """-> {name: f(prompts, responses) -> [float]} for signal_scorer_names(cfg); a reward model loads on first use."""
     return {n: evaluate.make_scorer(n, cfg.device, cfg.score_batch_size, cfg.max_length, cfg.rm_format,
-                                    cfg.trust_remote_code) for n in signal_scorer_names(cfg)}
+                                    cfg.trust_remote_code, cfg.dtype) for n in signal_scorer_names(cfg)}
 
 
 def scored(run, prompts, responses):
@@ -184,7 +184,7 @@ def load_agent(cfg, path, new_lora=None):
     base included) and every pass runs through its FSDP root."""
     sharded = cfg.parallel == "fsdp" and parallel.world_size() > 1
     load = load_sharded if sharded else load_model
-    return load(str(path), cfg.device, cfg.trust_remote_code, new_lora)
+    return load(str(path), cfg.device, cfg.trust_remote_code, new_lora, dtype=cfg.dtype)
 
 
 def _settings(cfg, name, **stage):
@@ -312,12 +312,13 @@ def evaluate_stage(cfg, run, name, agent, test):
 def _model_unavailable(name, flag, reason):
     """One line for a model that is neither a local folder nor in the hub cache while the hub cannot be asked:
     why, and how to put it here."""
-    where = f"not a local folder and not in the hub cache ({hub_constants.HF_HUB_CACHE})"
-    if name.startswith(("/", ".", "~")):          # a path, not a hub name: nothing to download
-        return f"model {name} ({flag}): no such folder; the hub cannot be asked ({reason}) either"
-    return (f"model {name!r} ({flag}) is {where}, and the hub cannot be asked ({reason}). On a machine with "
-            f"network: `hf download {name} --local-dir models/{name}`, then copy models/{name} here and pass that "
-            f"folder to {flag}")
+    old_cli = "(`huggingface-cli download ...` with huggingface_hub before 0.34)"
+    if name.startswith(("/", ".", "~")):          # a path, not a hub name
+        return (f"model {name} ({flag}): no such folder, and the hub cannot be asked ({reason}). On a machine "
+                f"with network: `hf download ORG/NAME --local-dir {name}` {old_cli}, then copy the folder here")
+    return (f"model {name!r} ({flag}) is not a local folder and not in the hub cache ({hub_constants.HF_HUB_CACHE}), "
+            f"and the hub cannot be asked ({reason}). On a machine with network: `hf download {name} --local-dir "
+            f"models/{name}` {old_cli}, then copy models/{name} here and pass that folder to {flag}")
 
 
 def check_models(cfg):
@@ -341,8 +342,9 @@ def check_models(cfg):
         try:
             tokenizer = check_model(name, cfg.trust_remote_code, local_files_only=offline is not None)
         except ModelLoadError as e:
-            local = offline is None or Path(name).is_dir()
-            missing.append(str(e) if local else _model_unavailable(name, flag, offline))
+            # offline, a name gets a line of its own: transformers' error would blame the connection alone
+            offline_name = offline is not None and not Path(name).is_dir()
+            missing.append(_model_unavailable(name, flag, offline) if offline_name else str(e))
             continue
         if flag == "--reward_models":               # scores text as it is given; no prompt template
             continue
@@ -363,16 +365,17 @@ def dataset_requests(cfg):
 
 
 def load_task(cfg):
-    """-> (init, w2s, test): lists of data.Example (D_init with gold pairs, Q_w2s, the test prompts)."""
+    """-> (init, w2s, test): lists of data.Example (D_init with gold pairs, Q_w2s, the test prompts). Data the
+    run cannot use (no pairs, too few distinct prompts) is a DataError here, before any model loads."""
     if cfg.task == "toy":
         import toy
         try:
             return toy.make_task(cfg.seed, cfg.n_init, cfg.n_w2s, cfg.n_test)
         except ValueError as e:
             raise data.DataError(f"{e}: lower --n_init, --n_w2s or --n_test") from None
-    if cfg.task == "file":
-        return data.paper_splits(data.read_any(cfg.data_file, order=cfg.pku_order), cfg.n_init, cfg.n_w2s,
-                                 cfg.n_test, cfg.seed)
+    if cfg.task == "file":      # the file's records must be pairs, whichever of them land in D_init
+        examples = data.require_pairs(data.read_any(cfg.data_file, order=cfg.pku_order))
+        return data.paper_splits(examples, cfg.n_init, cfg.n_w2s, cfg.n_test, cfg.seed)
     # what is missing was named, all at once, before any training (macpo.initialise: data.missing_dataset_files)
     files = {split: data.dataset_file(name, subset, split, cfg.data_dir or None, cfg.cache_dir or None)
              for name, subset, split in dataset_requests(cfg)}

@@ -422,6 +422,8 @@ def _pretrain_base(job):
     hidden, layers = (int(x) for x in recipe["size"].split("x"))
     seed = zlib.crc32(recipe_hash(recipe).encode())
     torch.manual_seed(seed)
+    # float32 whatever the run's --dtype: the bases are cached and shared by every run whose recipe matches, as
+    # released models are, so --dtype is not part of the recipe; a run loads them in its own dtype (load_model)
     model = LlamaForCausalLM(model_config(tokenizer, hidden, layers))
     corpus = pretraining_corpus(f"{recipe['seed']}-{recipe['ops']}", recipe["steps"] * recipe["batch_size"],
                                 tuple(recipe["ops"]))

@@ -18,7 +18,7 @@ import data
 import lora
 import parallel
 from data import ModelLoadError, collate, encode_rows
-from generate import batch_logps, is_sharded, packable, scored_logits
+from generate import activation_dtype, batch_logps, is_sharded, packable, scored_logits
 from losses import confident_loss, dpo_loss, sft_loss
 from sharding import save_sharded, whole, wrap
 
@@ -27,9 +27,10 @@ class NonFiniteError(RuntimeError):
     """A NaN or infinite loss or gradient norm: the stage stops, its checkpoint is not written."""
 
 
-def load_model(name_or_path, device="cpu", trust_remote_code=False, new_lora=None):
-    """Any causal LM through the Auto classes, from a local folder or the hub. bf16 on CUDA, float32 on CPU
-    (this CPU runs bf16 matrix products 10-100x slower than fp32). Only safetensors / weights-only loading:
+def load_model(name_or_path, device="cpu", trust_remote_code=False, new_lora=None, dtype="auto"):
+    """Any causal LM through the Auto classes, from a local folder or the hub, its weights in `dtype` (--dtype:
+    "auto" is bf16 on CUDA, float32 on CPU, where bf16 matrix products run 10-100x slower; parallel.dtype_for),
+    whatever dtype the checkpoint was saved in. Only safetensors / weights-only loading:
     transformers refuses pickled weights unless asked, and trust_remote_code stays off unless the user says so.
     new_lora = (targets, rank, alpha, dropout, seed): fresh adapters added (lora.add_lora), to a full-weight
     checkpoint only (a LoRA checkpoint brings its own)."""
@@ -37,7 +38,7 @@ def load_model(name_or_path, device="cpu", trust_remote_code=False, new_lora=Non
     base = lora.base_model_of(name_or_path)
     if base is not None:
         # a LoRA checkpoint: its base model, then the adapters on top (a few MB instead of a whole model)
-        model, tokenizer = load_model(base, device, trust_remote_code)
+        model, tokenizer = load_model(base, device, trust_remote_code, dtype=dtype)
         lora.load_adapters(model, name_or_path)
         return model, tokenizer
     # a local folder with safetensors weights is read only through them, never through a pickle beside them
@@ -45,12 +46,13 @@ def load_model(name_or_path, device="cpu", trust_remote_code=False, new_lora=Non
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                                     **({"use_safetensors": True} if safetensors else {}))
+                                                     **({"use_safetensors": True} if safetensors else {}),
+                                                     **parallel.dtype_kwargs(device, dtype))
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, e) from None
     data.ensure_pad_token(tokenizer)
-    model = model.to(device=device, dtype=parallel.dtype_for(device))
-    if new_lora:                                # after the cast: adapters stay float32 (lora.LoRALinear)
+    model = model.to(device)
+    if new_lora:                                # adapters are float32 whatever the weights' dtype (lora.LoRALinear)
         lora.add_lora(model, *new_lora)
     return model, tokenizer
 
@@ -64,15 +66,17 @@ def _load_error(name_or_path, e):
         f"pass that folder instead of the name.")
 
 
-def check_model(name_or_path, trust_remote_code=False):
+def check_model(name_or_path, trust_remote_code=False, local_files_only=False):
     """The model's config and tokenizer, without its weights: every model a run names is checked this way before
-    any training, so a typo in the third teacher does not surface hours in -> the tokenizer."""
+    any training, so a typo in the third teacher does not surface hours in -> the tokenizer. local_files_only:
+    a local folder or the hub cache, no request (the hub is unreachable)."""
     from transformers import AutoConfig, AutoTokenizer
     if lora.base_model_of(name_or_path) is not None:
-        return check_model(lora.base_model_of(name_or_path), trust_remote_code)
+        return check_model(lora.base_model_of(name_or_path), trust_remote_code, local_files_only)
+    local = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
     try:
-        AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        AutoConfig.from_pretrained(name_or_path, **local)
+        return AutoTokenizer.from_pretrained(name_or_path, **local)
     except (OSError, ValueError) as e:
         raise _load_error(name_or_path, e) from None
 
@@ -173,6 +177,38 @@ class _FiniteWatch:
                                  f"Try a lower --lr.")
 
 
+class MasterWeights:
+    """Float32 master copies of the trainable parameters that are not float32 (full fine-tuning of bf16 weights),
+    for the optimizer to step (Micikevicius et al. 2018, "Mixed precision training", section 3.1).
+
+    AdamW moves a weight by about lr per step. bf16 keeps 8 significant bits, so w + u rounds back to w whenever
+    |u| < 2^-9 |w|: at the real presets' lr 1e-5 / 1e-6 an update to a weight of 0.02 (4e-5 would be needed)
+    is lost every step, and plain bf16 AdamW would leave most weights where they started. Here the forward and
+    backward passes stay in bf16, the gradients are summed over micro-batches in float32 (accumulate, after
+    each backward), AdamW steps the float32 masters, and write_back rounds them into the model. Costs 4 bytes
+    per such parameter, besides AdamW's state, which is then float32 too (8). Float32 parameters (a float32
+    model, LoRA adapters on any base) are their own masters: for them this is a no-op."""
+
+    def __init__(self, params):
+        self.params = params
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float() for p in params]   # what AdamW steps
+
+    def accumulate(self):
+        """masters' grad += params' grad in float32; the params' grads are freed (the next backward starts them
+        again from zero)."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p and p.grad is not None:
+                m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)
+                p.grad = None
+
+    @torch.no_grad()
+    def write_back(self):
+        """params <- masters, rounded to the params' dtype (after the optimizer step)."""
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.copy_(m)
+
+
 def train(model, tokenizer, rows, settings, reference=None, log_file=None):
     """Train `model` in place on rows [(prompt_text, chosen, rejected)] as `settings` (TrainSettings) say and
     return the list of logged stats. kind="dpo" needs `reference`: the pair of [N] tensors from reference_logps,
@@ -183,7 +219,7 @@ def train(model, tokenizer, rows, settings, reference=None, log_file=None):
     """
     s = settings
     assert s.kind in ("sft", "dpo", "confident")
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device, dtype = next(model.parameters()).device, activation_dtype(model)
     pad_id = data.pad_id(tokenizer)
     pack = s.kind == "dpo" and s.share_prompts and packable(model)
     chosen, rejected = encode_rows(tokenizer, rows, s.max_length, s.max_prompt_length)
@@ -200,7 +236,8 @@ def train(model, tokenizer, rows, settings, reference=None, log_file=None):
     warmup = int(s.warmup_ratio * total_steps)
     scorer = wrap(model, s.parallel_mode)        # after this, FSDP's parameters are the sharded ones
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    master = MasterWeights(params)               # bf16 weights: AdamW steps float32 copies
+    optimizer = torch.optim.AdamW(master.masters, lr=s.lr, weight_decay=s.weight_decay)
     # lr(step) = lr * step / warmup during warm-up, then lr * (1 + cos(pi * progress)) / 2
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: (t + 1) / (warmup + 1) if t < warmup else
                                                  0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total_steps - warmup))))
@@ -242,14 +279,16 @@ def train(model, tokenizer, rows, settings, reference=None, log_file=None):
                      "accuracy": (chosen_rewards > rejected_rewards).float()}
             tokens += ran
         (losses.sum() * weight / s.grad_accum).backward()
+        master.accumulate()
         for k, v in [("loss", losses.detach())] + list(stats.items()):
             sums[k] = sums.get(k, 0.0) + v.float().mean()
         n_logged += 1
         if (i + 1) % s.grad_accum and i + 1 < len(batches):
             continue
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(master.masters, s.grad_clip if s.grad_clip > 0 else float("inf"))
         grad_norms.append(grad_norm)
         optimizer.step()
+        master.write_back()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1

@@ -17,9 +17,10 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
 from data import (DataError, Example, collate, dataset_file, encode_many,  # noqa: E402
                   missing_dataset_files, paper_splits, read_any, read_hh, read_jsonl_pairs, read_llamafactory,
-                  read_pku, render_prompt, splits_with_test_file, truncate_prompt)
+                  read_pku, render_prompt, require_pairs, splits_with_test_file, truncate_prompt)
 
 from tiny import encode  # noqa: E402
 
@@ -202,8 +203,77 @@ def test_read_any_sniffs_each_format(tmp_path):
     with pytest.raises(DataError, match="hh, pku, llamafactory, jsonl"):
         read_any(mine, fmt="csv")
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "Hi", "answer": "a"}])
-    with pytest.raises(DataError, match="hh, pku, llamafactory, jsonl"):
+    with pytest.raises(DataError, match=re.escape(f"{odd}: cannot tell the format") + ".*'answer', 'question'"
+                       ".*LLaMA-Factory.*prompt, chosen and rejected.*PKU-SafeRLHF.*HH-RLHF"):
         read_any(odd)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match=re.escape(f"{empty}: the file is empty")):
+        read_any(empty)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data a run cannot use: refused when read, naming the file and line
+
+def test_chosen_only_files_read_as_sft_records_and_are_refused_as_pairs(tmp_path):
+    """A file with one response per prompt reads as SFT records (rejected None) in each format that allows them,
+    and require_pairs refuses it naming the first such record's file and line, and how many lack a pair."""
+    mine = write_jsonl(tmp_path / "mine.jsonl", [
+        {"prompt": "q0", "chosen": "a0", "rejected": "b0"},
+        {"prompt": "q1", "chosen": "a1"},                       # line 2: no rejected
+        {"prompt": "q2", "chosen": "a2", "rejected": None},     # line 3: null is none too
+    ])
+    examples = read_any(mine)
+    assert [e.rejected for e in examples] == ["b0", None, None]
+    with pytest.raises(DataError) as raised:
+        require_pairs(examples)
+    msg = str(raised.value)
+    assert msg.startswith(f"{mine}:2: this record has no rejected response (2 of the file's 3 records have none)")
+    assert "D_init" in msg and '"rejected"' in msg and '"output": [chosen, rejected]' in msg
+    lf = write_llamafactory(tmp_path / "lf.json", [
+        {"instruction": "q0", "input": "", "output": ["a0", "b0"]},
+        {"instruction": "q1", "input": "", "output": "a1"},     # record 1
+    ])
+    second = [i + 1 for i, line in enumerate(lf.read_text().splitlines()) if line == "    {"][1]   # where it starts
+    with pytest.raises(DataError, match=re.escape(f"{lf}:{second}: this record has no rejected response (1 of the "
+                                                  f"file's 2 records")):
+        require_pairs(read_any(lf))
+    pairs = [Example([user("q")], "a", "b", "f:1")]
+    assert require_pairs(pairs) is pairs
+    # HH's format has no SFT records: a dialogue without its rejected side is a missing field
+    hh = write_jsonl(tmp_path / "hh.jsonl", [HH_RECORDS[0], {"chosen": HH_RECORDS[0]["chosen"]}])
+    with pytest.raises(DataError, match=re.escape(f"{hh}:2: missing field 'rejected'")):
+        read_hh(hh)
+    # a JSONL of chosen dialogues only cannot be told apart from anything else
+    only = write_jsonl(tmp_path / "only.jsonl", [{"chosen": HH_RECORDS[0]["chosen"]}])
+    with pytest.raises(DataError, match=re.escape(f"{only}: cannot tell the format") + ".*its keys are 'chosen'"):
+        read_any(only)
+
+
+def test_real_pku_test_1k_is_refused_as_pairs():
+    path = real_file("macpo/pku_test_1k.json")
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: this record has no rejected response (1000 of the "
+                                                  f"file's 1000 records have none)")):
+        require_pairs(read_any(path))
+
+
+def test_empty_prompts_are_skipped_and_reported(tmp_path, capsys):
+    mine = write_jsonl(tmp_path / "mine.jsonl", [
+        {"prompt": "  ", "chosen": "a", "rejected": "b"},
+        {"prompt": [user(""), assistant(""), user(" ")], "chosen": "a", "rejected": "b"},
+        # line 3 is kept: one of its turns says something
+        {"prompt": [user(""), assistant("hi"), user("")], "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+    ])
+    assert [e.source for e in read_jsonl_pairs(mine)] == [f"{mine}:3", f"{mine}:4"]
+    assert f"read_jsonl_pairs: skipped 2 of 4 records in {mine} (2 empty prompt)" in capsys.readouterr().err
+    lf = write_llamafactory(tmp_path / "lf.json", [
+        {"instruction": "", "input": "", "output": ["a", "b"]},
+        {"instruction": " ", "input": "", "output": ["a", "b"]},
+        {"instruction": "", "input": "Good morning", "output": ["a", "b"]},       # kept: the input is the prompt
+    ])
+    assert [e.prompt for e in read_llamafactory(lf)] == [[user("Good morning")]]
+    assert f"read_llamafactory: skipped 2 of 3 records in {lf} (2 empty prompt)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,7 +412,13 @@ class FakeHub:
 
 
 @pytest.fixture
-def fake_hub(tmp_path, monkeypatch, offline):
+def reachable(monkeypatch):
+    # The hub answers (data.hub_unreachable is None), so data.py goes on to the (faked) hub calls.
+    monkeypatch.setattr(data, "hub_unreachable", lambda: None)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch, offline, reachable):
     hub = FakeHub(tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
     return hub
@@ -409,7 +485,8 @@ def test_download_lands_in_cache_and_is_checked(tmp_path, fake_hub):
     assert path == fake_hub.root / "snapshots" / "Anthropic/hh-rlhf" / "helpful-base" / "train.jsonl.gz"
     assert path.read_bytes() == b"fresh data"
     assert fake_hub.calls == [{"repo_id": "Anthropic/hh-rlhf", "filename": "helpful-base/train.jsonl.gz",
-                               "repo_type": "dataset", "revision": "main", "cache_dir": cache}]
+                               "repo_type": "dataset", "revision": "main", "cache_dir": cache,
+                               "local_files_only": False}]
     # The helpful-base test file has a known sha256: wrong bytes are refused, and taken out of the cache (the
     # link and its blob) so that the next run downloads them again.
     with pytest.raises(DataError) as raised:
@@ -446,7 +523,7 @@ def test_missing_dataset_files_names_every_missing_file_at_once(tmp_path, offlin
     assert str(data_dir / "hh-rlhf" / "helpful-base" / "test.jsonl.gz") in missing[1]
 
 
-def test_missing_dataset_files_downloads_nothing(tmp_path, monkeypatch, offline):
+def test_missing_dataset_files_downloads_nothing(tmp_path, monkeypatch, offline, reachable):
     # Online (faked): uncached files are looked up, never downloaded; one the hub answers for is not missing.
     def cache_only(repo_id, filename, local_files_only=False, **kwargs):
         if not local_files_only:
