@@ -4,9 +4,9 @@ products' blocking and accumulation order follow the batch's shape). This measur
 K candidates, how often the bf16 pick equals the float32 pick, scored packed (generate.packed_logps's layout),
 in padded batches, and one pair at a time, and how often packed bf16 equals one-at-a-time bf16.
 
-    .venv/bin/python -m bench.agreement         # CPU: a 2-layer, hidden-256 Llama pre-trained here briefly (22 min
-                                                # on a busy 2-core machine: bf16 runs slowly on CPUs)
-    .venv/bin/python -m bench.agreement --pretrain_steps 0 --n_prompts 100      # random weights, a few minutes
+    .venv/bin/python -m bench.agreement         # CPU: a 2-layer, hidden-256 Llama pre-trained here briefly (4 min
+                                                # on a quiet 2-core machine, far longer on a busy one)
+    .venv/bin/python -m bench.agreement --pretrain_steps 0 --n_prompts 100      # random weights (10 s)
 
     from bench.agreement import pick_agreement
     result = pick_agreement(model, tokenizer, prompts, candidates, batch_size=32)    # any causal LM, any device
