@@ -18,7 +18,9 @@ WORKER = ROOT / "tests" / "helpers" / "parallel_worker.py"
 def torchrun(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"torchrun exited {done.returncode}:\n{done.stderr[-4000:]}"
+    return done
 
 
 @pytest.fixture(scope="module")
