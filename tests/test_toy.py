@@ -26,6 +26,19 @@ from tiny import encode
     ("What is 47 - 38?", "47 - 38 = 85.", 0.0),         # added instead of subtracting
     ("Compute 47 * 8.", "47 * 8 = 376.", 1.0),
     ("Compute 47 * 8.", "47 * 8 = 377.", 0.0),
+    # a response that restates the problem must restate it exactly (operands and operator)
+    ("What is 59 - 37?", "59 - 37 = 22.", 1.0),           # right
+    ("What is 59 - 37?", "59 * 37 = 22.", 0.0),           # wrong operator, right number
+    ("What is 59 - 37?", "59 + 37 = 22.", 0.0),
+    ("What is 59 - 37?", "95 - 37 = 22.", 0.0),           # wrong operand, right number
+    ("What is 59 - 37?", "59 - 73 = 22.", 0.0),
+    ("What is 59 - 37?", "59 - 37 + 0 = 22.", 0.0),       # another problem altogether
+    ("What is 59 - 37?", "= 22.", 1.0),                   # the right number alone
+    ("What is 59 - 37?", "The answer = 22.", 1.0),        # words, no restatement
+    ("What is 59 - 37?", "So 59 - 37 = 22.", 1.0),        # words before the exact restatement
+    ("What is 59 - 37?", "59 - 37 = 23.", 0.0),           # near miss
+    ("What is 59 - 37?", "Sorry, I can't help with that.", 0.0),           # refusal
+    ("What is 59 - 37?", "Sure! Here is how to do 59 - 37.", 0.0),         # compliance, no result
 ])
 def test_reward_hand_cases(request_, response, expected):
     assert toy.reward(request_, response) == expected
