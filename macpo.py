@@ -31,8 +31,8 @@ import report
 import toy
 from data import ModelLoadError
 from generate import perplexity
-from stages import (Run, RunError, check_models, dataset_requests, dpo_stage, evaluate_stage, evaluator_names,
-                    generate_stage, load_agent, load_task, read_jsonl, render, samples, scored, sft_stage, write_jsonl)
+from stages import (Run, RunError, check_models, dataset_requests, dpo_stage, evaluate_stage, generate_stage,
+                    load_agent, load_task, read_jsonl, render, samples, scored, sft_stage, write_jsonl)
 from train import NonFiniteError
 
 
@@ -348,9 +348,7 @@ def run_method(cfg):
     {prompt kind: mean score}}}, the final student's win rates), written with the premises and the training
     signal to results.json and results.md (report.write_results)."""
     run = Run(cfg)
-    if parallel.is_main():
-        print("evaluator: " + (", ".join(evaluator_names(cfg)) or "none (--reward_models none): the results stay "
-              "empty; score the test generations later with python macpo.py eval FOLDER --reward_models NAME"))
+    report.print_evaluators(cfg)
     setup = initialise(cfg, run)
     ceiling = ceiling_stage(cfg, run, setup) if cfg.ceiling else None
     premises = report.check_premises(cfg, run, setup, ceiling)     # before round 1: a weak-to-strong bed?
@@ -389,11 +387,7 @@ def main(argv=None):
     except OSError as e:       # a full disk or a lost mount: the stage being written stays *.partial, never DONE
         sys.exit(f"error: {e} (while writing under {cfg.out}). Every finished stage is intact; fix the cause "
                  f"(free disk space) and run the same command again to resume.")
-    print(report.format_table(results, [f"teacher{k}" for k in range(cfg.K)]))
-    if any(v for row in by_kind.values() for v in row.values()):
-        print("\nper prompt kind:\n" + report.format_kind_table(by_kind))
-    if wins:
-        print("\nthe final student's win / tie / lose:\n" + report.format_wins(wins))
+    report.print_results(results, by_kind, wins, [f"teacher{k}" for k in range(cfg.K)])
     print(f"\n{cfg.out}: results.json, results.md, results.png, metrics.jsonl, checkpoints and generations per "
           f"stage ({time.time() - t0:.0f} s)")
 

@@ -363,6 +363,22 @@ def final_win_rates(per_prompt, names, weak):
             for n in names}
 
 
+def print_evaluators(cfg):
+    """The line a run starts with: which evaluators will score it (or that none will)."""
+    if parallel.is_main():
+        print("evaluator: " + (", ".join(evaluator_names(cfg)) or "none (--reward_models none): the results stay "
+              "empty; score the test generations later with python macpo.py eval FOLDER --reward_models NAME"))
+
+
+def print_results(results, by_kind, wins, teachers):
+    """What a run prints at its end: the mean score per stage and agent, per prompt kind, the win rates."""
+    print(format_table(results, teachers))
+    if any(v for row in by_kind.values() for v in row.values()):
+        print("\nper prompt kind:\n" + format_kind_table(by_kind))
+    if wins:
+        print("\nthe final student's win / tie / lose:\n" + format_wins(wins))
+
+
 def format_wins(wins):
     """The final student's win / tie / lose rates as a Markdown table (one row per evaluator and opponent)."""
     return markdown_table(["evaluator", "final student", "against", "win", "tie", "lose", "n"], [
