@@ -50,7 +50,9 @@ def resolve_evaluators(task, reward_models, rm_format):
     file), "none" (or "") none."""
     default, default_format = EVALUATORS.get(task, ("", "pair"))
     names = default if reward_models == "auto" else "" if reward_models == "none" else reward_models
-    fmt = (default_format if reward_models == "auto" else "pair") if rm_format == "auto" else rm_format
+    # named models keep "auto": make_scorer then reads the format off the loaded model (beaver for a safe-rlhf
+    # score model, pair otherwise)
+    fmt = default_format if rm_format == "auto" and reward_models == "auto" else rm_format
     return names, fmt
 
 
@@ -88,6 +90,7 @@ def load_reward_model(name_or_path, device="cpu", trust_remote_code=False, dtype
                                                                **parallel.dtype_kwargs(device, dtype))
     if score_model:
         _load_score_head(model, name_or_path)
+    model.is_score_model = score_model           # its input format under --rm_format auto: beaver
     data.ensure_pad_token(tokenizer)
     if model.config.pad_token_id is None:       # the classifier pools at the last non-pad token: it needs one
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -171,8 +174,9 @@ def make_scorer(name, device="cpu", batch_size=16, max_length=1024, rm_format="p
     def score(prompts, responses):
         if not loaded:
             loaded["model"], loaded["tokenizer"] = load_reward_model(name, device, trust_remote_code, dtype)
+        fmt = rm_format if rm_format != "auto" else "beaver" if loaded["model"].is_score_model else "pair"
         return [sign * v for v in reward_model_scores(loaded["model"], loaded["tokenizer"], prompts, responses,
-                                                      batch_size, max_length, rm_format)]
+                                                      batch_size, max_length, fmt)]
     return score
 
 
@@ -456,11 +460,11 @@ def run_evaluators(folder, reward_models, gold, rm_format):
     if gold and task not in (None, "toy"):
         raise SystemExit(f"error: --gold is the toy task's reward; {folder} is a {task} run ({config}). Pass "
                          f"--reward_models NAME, or nothing to use the run's evaluator")
+    if reward_models == "none":
+        raise SystemExit("error: --reward_models none leaves nothing to score; name a reward model or --gold")
     names = reward_model_names(reward_models or "")
     if names or gold:
-        fmt = rm_format if rm_format != "auto" else next(
-            (f for n, f in EVALUATORS.values() if n == ",".join(names)), "pair")
-        return ["gold"] * bool(gold) + names, fmt, "as named on the command line"
+        return ["gold"] * bool(gold) + names, rm_format, "as named on the command line"
     if run is None:
         raise SystemExit(f"error: no evaluator for {folder}: it holds no config.json naming its task. Pass "
                          f"--reward_models NAME[,NAME] (HH: {EVALUATORS['hh-helpful'][0]}; PKU: "

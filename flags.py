@@ -7,6 +7,7 @@ import inspect
 import re
 
 import data
+import evaluate
 import parallel
 
 
@@ -58,7 +59,7 @@ def validate(cfg, methods):
     choices = {"task": ("toy", "hh-helpful", "hh-harmless", "pku", "file"), "template": data.TEMPLATES,
                "reference": ("previous", "init", "base"), "student_positive_from": ("before", "after"),
                "loss_type": ("sigmoid", "ipo"), "pku_order": ("safer", "better"),
-               "identical_pairs": ("drop", "keep"), "rm_format": ("auto", "pair", "beaver") + tuple(data.TEMPLATES),
+               "identical_pairs": ("drop", "keep"), "rm_format": ("auto",) + evaluate.RM_FORMATS + tuple(data.TEMPLATES),
                "lora": ("none", "all", "student", "teachers"), "parallel": ("ddp", "fsdp"),
                "method": tuple(methods), "self_judge": ("likelihood", "llm"), "dtype": ("auto",) + tuple(parallel.DTYPES)}
     for name, allowed in choices.items():
@@ -74,6 +75,8 @@ def validate(cfg, methods):
         p.append("--n_init and --n_w2s must be at least 1, --n_test at least 0")
     if not 0 < cfg.max_prompt_length < cfg.max_length:
         p.append(f"--max_prompt_length {cfg.max_prompt_length} must be positive and below --max_length {cfg.max_length}")
+    if "gold" in cfg.reward_models.split(",") and cfg.task != "toy":
+        p.append(f"--reward_models gold is the toy task's reward; --task {cfg.task} needs reward models (or auto)")
     if cfg.task == "file" and not cfg.data_file:
         p.append("--task file needs --data_file PATH")
     if (cfg.teachers == "toy") != (cfg.student == "toy"):

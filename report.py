@@ -296,7 +296,7 @@ def check_premises(cfg, run, setup, ceiling):
     return premises
 
 
-def run_evaluators(cfg, run):
+def judge_of(cfg, run):
     """{name: f(prompts, responses) -> [float]} for the run's evaluators (stages.evaluator_names), sharing the
     signal's already loaded reward models, in one ScoreCache so a response is scored once."""
     return evaluate.ScoreCache({n: run.score.scorers.get(n) or evaluate.make_scorer(
@@ -309,7 +309,7 @@ def write_results(cfg, run, setup, evals, final, premises, method):
     round and agent under every evaluator (the first one's also as "results" and per prompt kind), the final
     student's win / tie / lose against the naive-SFT student and against the weak supervisor, the premises,
     the final checkpoints and the training signal -> (results, results_by_kind, win_rates)."""
-    judge = run_evaluators(cfg, run) if parallel.is_main() else evaluate.ScoreCache({})
+    judge = judge_of(cfg, run) if parallel.is_main() else evaluate.ScoreCache({})
     names = list(judge.scorers)
     metric = names[0] if names else None
     # {stage: {agent: {scorer: [per test prompt]}}}; None where a stage was not evaluated
@@ -325,7 +325,7 @@ def write_results(cfg, run, setup, evals, final, premises, method):
     test_prompts = [ex.prompt for ex in setup.test]             # the order of every eval stage's generations
     by_kind = {r: {a: kind_means(v and v[metric], test_prompts, kind_of(cfg)) for a, v in row.items()}
                for r, row in per_prompt.items()}
-    wins = final_win_rates(per_prompt, names, f"teacher{cfg.weak_label_teacher}")
+    wins = final_win_rates(run, judge, evals, setup.evals, f"teacher{cfg.weak_label_teacher}")
     blocks = signal_blocks(cfg, run, setup, evals)
     first = next(iter(blocks), None)         # the first scorer's block also sits at the top level
     write_json(run.out / "results.json", {"metric": metric, "method": method, "results": results,
@@ -348,19 +348,25 @@ def write_results(cfg, run, setup, evals, final, premises, method):
     return results, by_kind, wins
 
 
-def final_win_rates(per_prompt, names, weak):
-    """The final strong student (the last evaluated stage before the ceiling) against the naive-SFT student
-    (init's student: every method's start) and against its weak supervisor (init's weak-label teacher), per
+def final_win_rates(run, judge, evals, initial, weak):
+    """The method's final strong student (its student's eval stage in the last row before the ceiling) against
+    the naive-SFT student (Setup.evals' student: every method's start; left out when the final student is that
+    one, as for --method sft) and against its weak supervisor (the weak-label teacher after initialisation), per
     test prompt -> {scorer: {"stage": final stage, "vs_naive_sft": {win, tie, lose, n}, "vs_weak": {...}}};
-    {} without evaluators or rounds."""
-    stages = [r for r, row in per_prompt.items() if r != "ceiling" and (row.get("student") is not None)]
-    init = per_prompt.get("init", {})
-    if len(stages) < 2 or init.get("student") is None:
+    {} without evaluators or evaluation."""
+    rows = [row for r, row in evals.items() if r != "ceiling" and row.get("student")]
+    if not judge or not rows or not initial.get("student"):
         return {}
-    last = per_prompt[stages[-1]]["student"]
-    return {n: {"stage": stages[-1], "vs_naive_sft": evaluate.win_rates(last[n], init["student"][n]),
-                **({"vs_weak": evaluate.win_rates(last[n], init[weak][n])} if init.get(weak) else {})}
-            for n in names}
+
+    def scores(stage):
+        generations = read_jsonl(run.out / stage / "generations.jsonl")
+        return judge([x["prompt"] for x in generations], [x["response"] for x in generations])
+    final = rows[-1]["student"]
+    against = {"vs_naive_sft": initial["student"], "vs_weak": initial.get(weak)}
+    against = {k: scores(stage) for k, stage in against.items() if stage and stage != final}
+    mine = scores(final)
+    return {n: {"stage": str(final).removeprefix("eval/").removesuffix("/student"), **{k: evaluate.win_rates(mine[n], v[n])
+                                                             for k, v in against.items()}} for n in judge.scorers}
 
 
 def print_evaluators(cfg):

@@ -129,7 +129,8 @@ class Run:
 def evaluator_names(cfg):
     """The run's evaluators: the toy task's gold reward and the reward models of --reward_models (resolved by
     macpo.parse_config: the task's default unless named or "none")."""
-    return (["gold"] if cfg.task == "toy" else []) + evaluate.reward_model_names(cfg.reward_models)
+    names = (["gold"] if cfg.task == "toy" else []) + evaluate.reward_model_names(cfg.reward_models)
+    return list(dict.fromkeys(names))                  # --reward_models gold on the toy task: gold once
 
 
 def signal_scorer_names(cfg):
@@ -313,12 +314,13 @@ def _model_unavailable(name, flag, reason):
     """One line for a model that is neither a local folder nor in the hub cache while the hub cannot be asked:
     why, and how to put it here."""
     old_cli = "(`huggingface-cli download ...` with huggingface_hub before 0.34)"
-    if name.startswith(("/", ".", "~")):          # a path, not a hub name
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:          # a path: hub names are NAME or ORG/NAME
         return (f"model {name} ({flag}): no such folder, and the hub cannot be asked ({reason}). On a machine "
                 f"with network: `hf download ORG/NAME --local-dir {name}` {old_cli}, then copy the folder here")
     return (f"model {name!r} ({flag}) is not a local folder and not in the hub cache ({hub_constants.HF_HUB_CACHE}), "
-            f"and the hub cannot be asked ({reason}). On a machine with network: `hf download {name} --local-dir "
-            f"models/{name}` {old_cli}, then copy models/{name} here and pass that folder to {flag}")
+            f"and the hub cannot be asked ({reason}). If it is the hub's {name}: on a machine with network, `hf "
+            f"download {name} --local-dir models/{name.split('/')[-1]}` {old_cli}, then copy that folder here and "
+            f"pass it to {flag}; if it is a folder of yours, {name} does not exist here")
 
 
 def check_models(cfg):

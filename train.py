@@ -185,9 +185,9 @@ class MasterWeights:
     |u| < 2^-9 |w|: at the real presets' lr 1e-5 / 1e-6 an update to a weight of 0.02 (4e-5 would be needed)
     is lost every step, and plain bf16 AdamW would leave most weights where they started. Here the forward and
     backward passes stay in bf16, the gradients are summed over micro-batches in float32 (accumulate, after
-    each backward), AdamW steps the float32 masters, and write_back rounds them into the model. Costs 4 bytes
-    per such parameter, besides AdamW's state, which is then float32 too (8). Float32 parameters (a float32
-    model, LoRA adapters on any base) are their own masters: for them this is a no-op."""
+    each backward), AdamW steps the float32 masters, and write_back rounds them into the model. Costs 8 bytes
+    per such parameter (the float32 master and its float32 gradient), besides AdamW's state (float32: 8).
+    Float32 parameters (a float32 model, LoRA adapters on any base) are their own masters: a no-op for them."""
 
     def __init__(self, params):
         self.params = params

@@ -199,7 +199,11 @@ def setup(ctx, sizes, device, dtype):
     min_prompt = sizes.min_prompt_length if Path(HH_TEST).is_file() else 0     # toy prompts: a few dozen tokens
     with torch.device(device):                      # initialise the weights on the device: 0.8B on a CPU is slow
         model = build_model(tokenizer, sizes.hidden, sizes.layers, device)
-    ctx.model, ctx.tokenizer = model.to(dtype), tokenizer
+    # cast the parameters only: model.to(dtype) would also round the rotary inv_freq buffer to bf16, which
+    # macpo's own loading keeps float32 (train.load_model)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    ctx.model, ctx.tokenizer = model, tokenizer
     fit = dict(max_length=sizes.max_length, max_prompt_length=sizes.max_prompt_length, min_prompt_length=min_prompt)
     ctx.score_pairs = k_responses_per_prompt(fitting_pairs(tokenizer, pairs, sizes.n_score, seed=1, **fit),
                                              sizes.k_responses)

@@ -185,12 +185,41 @@ def test_default_evaluators_per_task():
     assert cfg.reward_models == "PKU-Alignment/beaver-7b-v1.0-reward,PKU-Alignment/beaver-7b-v1.0-cost"
     assert cfg.rm_format == "beaver"
     cfg = macpo.parse_config(["--task", "pku", "--teachers", "a,b", "--student", "s", "--reward_models", "none"])
-    assert (cfg.reward_models, cfg.rm_format) == ("", "pair")
+    assert cfg.reward_models == ""
     cfg = macpo.parse_config(["--task", "hh-harmless", "--teachers", "a", "--student", "s", "--reward_models", "m/x",
                               "--rm_format", "vicuna"])
     assert (cfg.reward_models, cfg.rm_format) == ("m/x", "vicuna")
     assert macpo.parse_config([]).reward_models == ""              # the toy task: its gold reward only
+    cfg = macpo.parse_config(["--task", "pku", "--teachers", "a", "--student", "s", "--reward_models", "m/beaver-r"])
+    assert cfg.rm_format == "auto"                  # named models: the format is read off the loaded model
+    with pytest.raises(SystemExit):                 # the toy's reward on real data would score every answer 0
+        macpo.parse_config(["--task", "hh-helpful", "--teachers", "a", "--student", "s", "--reward_models", "gold"])
     assert evaluate.is_cost("PKU-Alignment/beaver-7b-v1.0-cost") and not evaluate.is_cost("x/beaver-7b-v1.0-reward")
+
+
+def test_final_win_rates_take_each_methods_own_final_student(tmp_path):
+    """A baseline whose student sits in the init row (the confident loss) is still compared with the naive-SFT
+    student and the weak supervisor; naive SFT itself is not compared with itself."""
+    from report import final_win_rates
+    from stages import write_jsonl
+    prompts = [[{"role": "user", "content": f"What is {a} + 1?"}] for a in (10, 20, 30, 40)]
+    answers = {"eval/init/student": ["10 + 1 = 11.", "20 + 1 = 22.", "30 + 1 = 32.", "40 + 1 = 41."],
+               "eval/init/teacher0": ["10 + 1 = 12.", "20 + 1 = 22.", "30 + 1 = 32.", "40 + 1 = 42."],
+               "eval/confident/init/student": ["10 + 1 = 11.", "20 + 1 = 21.", "30 + 1 = 32.", "40 + 1 = 42."]}
+    for stage, responses in answers.items():
+        (tmp_path / stage).mkdir(parents=True)
+        write_jsonl(tmp_path / stage / "generations.jsonl", [{"prompt": p, "response": r} for p, r in zip(prompts, responses)])
+    initial = {"teacher0": "eval/init/teacher0", "student": "eval/init/student"}
+    judge = evaluate.ScoreCache({"gold": evaluate.gold_scores})
+    run = type("R", (), {"out": tmp_path})()
+    confident = {"init": dict(initial, student="eval/confident/init/student")}
+    w = final_win_rates(run, judge, confident, initial, "teacher0")["gold"]
+    # confident 1,1,0,0 against naive 1,0,0,1 and weak 0,0,0,0
+    assert w["stage"] == "confident/init"
+    assert (w["vs_naive_sft"]["win"], w["vs_naive_sft"]["lose"]) == (0.25, 0.25)
+    assert (w["vs_weak"]["win"], w["vs_weak"]["lose"]) == (0.5, 0.0)
+    naive = final_win_rates(run, judge, {"init": initial}, initial, "teacher0")["gold"]
+    assert "vs_naive_sft" not in naive and naive["vs_weak"]["win"] == 0.5
 
 
 def test_beaver_format_by_hand():
@@ -216,7 +245,8 @@ def test_a_safe_rlhf_score_model_loads_its_score_head(tmp_path, reward_model):
         config["architectures"] = ["LlamaModelForScore"]
         (folder / "config.json").write_text(json.dumps(config))
     prompts, responses = [ex.prompt for ex in test[:4]], [ex.chosen for ex in test[:4]]
-    reward = evaluate.make_scorer(str(tmp_path / "beaver-reward"), rm_format="beaver")(prompts, responses)
+    # --rm_format auto: a score model is read in its own (beaver) format, whatever its folder is called
+    reward = evaluate.make_scorer(str(tmp_path / "beaver-reward"), rm_format="auto")(prompts, responses)
     cost = evaluate.make_scorer(str(tmp_path / "beaver-cost"), rm_format="beaver")(prompts, responses)
     with torch.no_grad():
         expected = []

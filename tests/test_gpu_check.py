@@ -53,7 +53,7 @@ def test_the_summary_puts_the_toy_student_beside_the_cpu_run_and_names_failures(
     machine = {"name": "NVIDIA H200", "device": "cuda", "dtype": "bfloat16", "torch": "2.13", "cuda": "12.8",
                "transformers": "5.25", "python": "3.11", "cpu_threads": 16, "memory_gb": 139.8}
     toy = {"status": "ok", "seconds": 200.0, "budget_s": 300.0, "preset": "toy", "command": "python macpo.py",
-           "resumed": False, "log": "runs/gpu/toy.log", "metric": "gold reward", "reference": gpu.README_TOY, "student": {"init": 0.95, "round1": 0.9512, "ceiling": None},
+           "resumed": False, "log": "runs/gpu/toy.log", "metric": "gold", "reference": gpu.README_TOY, "student": {"init": 0.95, "round1": 0.9512, "ceiling": None},
            "premises": [{"premise": "ceiling harmful", "pass": True}, {"premise": "teacher1 score", "pass": False}]}
     scoring = {"status": "failed", "error": "OutOfMemoryError: CUDA out of memory", "seconds": 3.0, "budget_s": 45.0}
     md = gpu.markdown({"machine": machine, "tiny": False, "seconds": 250.0, "budget_s": 450.0,

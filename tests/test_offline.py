@@ -123,7 +123,8 @@ def test_unreachable_hub_run_names_every_missing_file_and_model_at_once(network,
         assert "https://huggingface.co is unreachable" in line
     for name, flag in (("nobody/t0", "--teachers"), ("nobody/s", "--student"), ("nobody/rm", "--reward_models")):
         line = next(x for x in lines if f"'{name}' ({flag})" in x)
-        assert f"`hf download {name} --local-dir models/{name}`" in line and f"pass that folder to {flag}" in line
+        assert f"`hf download {name} --local-dir models/{name.split('/')[1]}`" in line and f"pass it to {flag}" in line
+        assert f"if it is a folder of yours, {name} does not exist here" in line
         assert str(tmp_path / "hub-cache") in line
     assert str(local) not in msg
     assert not (tmp_path / "run" / "init").exists()

@@ -55,7 +55,7 @@ def test_missing_model_says_what_to_download(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "2 of the run's files or models are missing" in msg
     assert f"model {tmp_path / 'no-such-model'} (--teachers): no such folder" in msg
-    assert "`hf download x --local-dir models/x`" in msg and "pass that folder to --student" in msg
+    assert "`hf download x --local-dir models/x`" in msg and "pass it to --student" in msg
 
 
 PKU_TEST_1K = Path(__file__).resolve().parents[2] / "shared" / "data" / "macpo" / "pku_test_1k.json"
