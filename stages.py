@@ -350,7 +350,7 @@ def check_models(cfg):
             continue
         if flag == "--reward_models":               # scores text as it is given; no prompt template
             continue
-        n = len(tokenizer(render(cfg, [{"role": "user", "content": ""}], tokenizer))["input_ids"])
+        n = len(tokenizer(render(cfg, [{"role": "user", "content": ""}], tokenizer), verbose=False)["input_ids"])
         if n >= cfg.max_prompt_length:
             raise data.DataError(f"--max_prompt_length {cfg.max_prompt_length} leaves no room for a prompt: the "
                                  f"{cfg.template} template alone is {n} tokens with {name}'s tokenizer; raise "
