@@ -77,6 +77,8 @@ def validate(cfg, methods):
         p.append(f"--max_prompt_length {cfg.max_prompt_length} must be positive and below --max_length {cfg.max_length}")
     if "gold" in cfg.reward_models.split(",") and cfg.task != "toy":
         p.append(f"--reward_models gold is the toy task's reward; --task {cfg.task} needs reward models (or auto)")
+    if not 0.0 <= cfg.toy_teacher_other_share < 1.0:
+        p.append(f"--toy_teacher_other_share {cfg.toy_teacher_other_share} must be in [0, 1)")
     if cfg.task == "file" and not cfg.data_file:
         p.append("--task file needs --data_file PATH")
     if (cfg.teachers == "toy") != (cfg.student == "toy"):

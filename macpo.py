@@ -103,6 +103,7 @@ class Config:
     score_batch_size: int = 32          # rows per batch of perplexity and reference log-prob scoring
     # --- the toy task's bases (task=toy): tiny Llamas pre-trained here, each on its own share of the knowledge
     toy_teacher_ops: str = "+,-,*"                   # the operations each weak teacher's base sees (the student: all)
+    toy_teacher_other_share: float = 0.0             # share of a teacher base's problems in the others' operations
     toy_teacher_sizes: str = "64x2,64x2,64x2"        # hidden x layers per weak teacher
     toy_student_size: str = "80x2"                   # hidden x layers of the strong student: larger than a teacher
     toy_teacher_pretrain_steps: str = "1200,1200,1200"   # pre-training steps per weak teacher, to convergence
@@ -348,15 +349,18 @@ def run_method(cfg):
     {prompt kind: mean score}}}, the final student's win rates), written with the premises and the training
     signal to results.json and results.md (report.write_results)."""
     run = Run(cfg)
-    report.print_evaluators(cfg)
-    setup = initialise(cfg, run)
-    ceiling = ceiling_stage(cfg, run, setup) if cfg.ceiling else None
-    premises = report.check_premises(cfg, run, setup, ceiling)     # before round 1: a weak-to-strong bed?
-    name = variant(cfg)
-    evals, final = METHODS[cfg.method](cfg, run, setup, "" if name == "macpo" else f"{name}/")
-    if cfg.ceiling:
-        evals["ceiling"] = {"student": ceiling}
-    return report.write_results(cfg, run, setup, evals, final, premises, name)
+    try:
+        report.print_evaluators(cfg)
+        setup = initialise(cfg, run)
+        ceiling = ceiling_stage(cfg, run, setup) if cfg.ceiling else None
+        premises = report.check_premises(cfg, run, setup, ceiling)     # before round 1: a weak-to-strong bed?
+        name = variant(cfg)
+        evals, final = METHODS[cfg.method](cfg, run, setup, "" if name == "macpo" else f"{name}/")
+        if cfg.ceiling:
+            evals["ceiling"] = {"student": ceiling}
+        return report.write_results(cfg, run, setup, evals, final, premises, name)
+    finally:
+        run.close()
 
 
 def main(argv=None):

@@ -79,6 +79,13 @@ class Run:
                                f"resume with the same flags, or pass a different --out")
         write_json(saved, config)
 
+    def close(self):
+        """Release the folder's lock now (the process's end would too), so that one process can run the same
+        folder again, as the tests do, without waiting for this object to be collected."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+            self._lock = None
+
     def done(self, name):
         """Is stage `name` finished (DONE inside its folder)? Either way it takes its place in metrics.jsonl."""
         if name not in self.order:          # the table asks for shared stages once per method

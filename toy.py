@@ -244,7 +244,7 @@ PREFIXES = ("", "Q: ", "Question: ", "Quiz: ", "Hi. ", "Homework: ", "USER: ")
 HARMFUL_SHARE = 0.1           # share of the pre-training examples that are a harmful request and a reply
 
 
-def pretraining_corpus(seed, n, ops=tuple(OPS)):
+def pretraining_corpus(seed, n, ops=tuple(OPS), other_share=0.0):
     """-> n (context, continuation) pairs of plain text; pre-training scores the continuation given the context.
 
     arithmetic, ops only (a base's share of the knowledge): ("What is 47 + 38? Answer:", "47 + 38 = 85.");
@@ -254,7 +254,10 @@ def pretraining_corpus(seed, n, ops=tuple(OPS)):
         refusal's tokens keep their random embeddings, which LoRA cannot move (measured: no agent, the ceiling
         included, ever refused). The requests come from the task's grammar, so some are test requests: with
         both replies equally often, that says nothing about the aligned answer.
+    other_share > 0: that share of the arithmetic rows uses one of the operations outside `ops` (a teacher's
+        thin knowledge of the others; with 0 no extra random draw is made, so the stream is the same as before).
     Random operands from a stream of its own ("pretraining-{seed}"), not make_task's."""
+    others = tuple(op for op in OPS if op not in ops)
     rng = random.Random(f"pretraining-{seed}")
     harmful, rows = _harmful_requests(), []
     for _ in range(n):
@@ -263,7 +266,7 @@ def pretraining_corpus(seed, n, ops=tuple(OPS)):
             rows.append((rng.choice(PREFIXES) + request + rng.choice(SEPARATORS),
                          REFUSAL if rng.random() < 0.5 else compliance(x)))
         else:
-            op = rng.choice(ops)
+            op = rng.choice(others) if other_share > 0 and others and rng.random() < other_share else rng.choice(ops)
             a, b = _operands(op, rng)
             rows.append((rng.choice(PREFIXES) + rng.choice(ARITHMETIC_TEMPLATES).format(a=a, op=op, b=b)
                          + rng.choice(SEPARATORS),
@@ -405,6 +408,8 @@ def base_recipes(cfg):
     for k in range(cfg.K):
         recipes[f"teacher{k}"] = dict(common, size=sizes[k], ops=ops[k], steps=steps[k],
                                       batch_size=cfg.toy_pretrain_batch_size)
+        if cfg.toy_teacher_other_share:     # only when set, so that every earlier recipe keeps its hash (its seed)
+            recipes[f"teacher{k}"]["other_share"] = cfg.toy_teacher_other_share
     recipes["student"] = dict(common, size=cfg.toy_student_size, ops="".join(OPS),
                               steps=cfg.toy_student_pretrain_steps, batch_size=cfg.toy_student_pretrain_batch_size)
     return recipes
@@ -439,7 +444,7 @@ def _pretrain_base(job):
     # released models are, so --dtype is not part of the recipe; a run loads them in its own dtype (load_model)
     model = LlamaForCausalLM(model_config(tokenizer, hidden, layers))
     corpus = pretraining_corpus(f"{recipe['seed']}-{recipe['ops']}", recipe["steps"] * recipe["batch_size"],
-                                tuple(recipe["ops"]))
+                                tuple(recipe["ops"]), recipe.get("other_share", 0.0))
     with open(folder / "metrics.jsonl", "w") as log:
         train(model, tokenizer, [(c, y, None) for c, y in corpus],
               TrainSettings(kind="sft", epochs=1, lr=recipe["lr"], batch_size=recipe["batch_size"],

@@ -231,3 +231,21 @@ def test_premises_on_hand_made_scores():
     got = {p["premise"]: p for p in toy.premises(prompts, measured, negatives)}
     assert got["mistakes overlap"]["value"] == 1.0 and not got["mistakes overlap"]["pass"]
     assert got["oracle best-of-K"]["value"] == 0.75 and not got["oracle best-of-K"]["pass"]
+
+
+def test_a_teachers_thin_knowledge_of_the_other_operations():
+    """--toy_teacher_other_share: that share of the arithmetic rows is on the operations the teacher's own
+    share leaves out; at 0 the corpus and the recipe (hence the cached bases' names and seeds) are as before."""
+    import macpo
+    corpus = toy.pretraining_corpus(0, 6000, ("-",), other_share=0.2)
+    kinds = [toy.kind(c) for c, _ in corpus if toy.kind(c) != "harmful"]
+    other = sum(k != "subtraction" for k in kinds) / len(kinds)
+    assert abs(other - 0.2) < 0.03 and {k for k in kinds} == {"subtraction", "addition", "multiplication"}
+    assert toy.pretraining_corpus(0, 3000, ("-",), other_share=0.0) == toy.pretraining_corpus(0, 3000, ("-",))
+    plain = toy.base_recipes(macpo.parse_config([]))
+    thin = toy.base_recipes(macpo.parse_config(["--toy_teacher_other_share", "0.1"]))
+    assert all("other_share" not in r for r in plain.values())
+    assert thin["teacher0"]["other_share"] == 0.1 and thin["student"] == plain["student"]
+    # the cache name of the toy preset's teacher0 base, as every earlier run built it
+    toy_flags = ["--toy_teacher_pretrain_steps", "1200,1200,1200", "--max_length", "64", "--max_prompt_length", "32"]
+    assert toy.recipe_hash(toy.base_recipes(macpo.parse_config(toy_flags))["teacher0"]) == "f9f3a007740c5e50"
