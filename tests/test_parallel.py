@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import run_or_show
 
 pytestmark = pytest.mark.slow           # left out of `bash run.sh test fast`
 
@@ -18,9 +19,7 @@ WORKER = ROOT / "tests" / "helpers" / "parallel_worker.py"
 def torchrun(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"torchrun exited {done.returncode}:\n{done.stderr[-4000:]}"
-    return done
+    return run_or_show(cmd, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")

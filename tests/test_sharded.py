@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "helpers" / "sharded_worker.py"
 sys.path.insert(0, str(WORKER.parent))                               # the worker's inputs(), for one process
 import parallel  # noqa: E402
-from tiny import make_model, make_tokenizer  # noqa: E402
+from tiny import make_model, make_tokenizer, run_or_show  # noqa: E402
 from sharded_worker import inputs  # noqa: E402
 from train import load_model  # noqa: E402
 
@@ -29,7 +29,7 @@ torch.set_num_threads(1)                    # this machine's other core runs som
 def torchrun(*args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=timeout)
+    return run_or_show(cmd, cwd=ROOT, env=env, timeout=timeout)
 
 
 def llama(tokenizer, seed, **sizes):

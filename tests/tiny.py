@@ -165,3 +165,12 @@ def make_quirky_model(kind, tokenizer, hidden=32, layers=2, seed=0):
     if kind == "qwen":
         return Qwen2ForCausalLM(Qwen2Config(**shape, **ids)).eval()
     return LlamaForCausalLM(LlamaConfig(**shape, **ids)).eval()
+
+
+def run_or_show(cmd, **kwargs):
+    """subprocess.run(cmd) that fails the test with the command's exit status and the tail of its stderr (a
+    torchrun job's own traceback), not a bare CalledProcessError."""
+    import subprocess
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{cmd[:6]}... exited {done.returncode}:\n{done.stderr[-4000:]}"
+    return done
