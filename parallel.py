@@ -6,6 +6,7 @@
 With one process (plain `python macpo.py`) every function here is a no-op, so the rest of the code reads as
 single-process code; the device and its dtype are chosen here too. Imports torch only.
 """
+import atexit
 import os
 
 import torch
@@ -45,10 +46,18 @@ def setup(device):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         cuda = str(device).startswith("cuda")
         dist.init_process_group("nccl" if cuda else "gloo")
+        # left to the interpreter's exit, gloo's threads are sometimes destroyed while still joinable and the
+        # rank aborts ("terminate called without an active exception", exit -6) after finishing its work
+        atexit.register(_teardown)
         if cuda:
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     return device
+
+
+def _teardown():
+    if dist.is_initialized():           # no barrier: a rank leaving on an error must not wait for the others
+        dist.destroy_process_group()
 
 
 def rank():

@@ -19,7 +19,7 @@ import macpo
 import parallel
 import train
 from generate import ScoredLM, packed_logps, sequence_logps
-from tiny import SMOKE, encode, make_model
+from tiny import SMOKE, encode, make_model, run_or_show
 
 
 def test_dtype_flag_accepts_auto_float32_bfloat16_and_refuses_the_rest():
@@ -321,9 +321,8 @@ def test_bf16_training_under_fsdp_matches_one_process(tmp_path, tokenizer):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, str(worker), str(tmp_path / "model"), str(tmp_path / "one")], env=env,
                    check=True, capture_output=True, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(worker), str(tmp_path / "model"), str(tmp_path / "two")], env=env, check=True,
-                   capture_output=True, timeout=300)
+    run_or_show([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 str(worker), str(tmp_path / "model"), str(tmp_path / "two")], env=env, timeout=300)
     base = {k: v.to(torch.bfloat16) for k, v in _tensors(tmp_path / "model" / "model.safetensors").items()}
     one, two = _tensors(tmp_path / "one" / "full" / "model.safetensors"), _tensors(tmp_path / "two" / "full" / "model.safetensors")
     assert one.keys() == two.keys() == base.keys()
