@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import collate
-from tiny import encode, make_model
+from tiny import encode, greedy_alone, make_model
 from generate import (ScoredLM, generate, pack_rows, packed_logps, packed_sequence_logps, perplexity,
                       sequence_logps, length_sorted_batches)
 
@@ -188,19 +188,6 @@ def test_reference_logps_of_chosen_and_rejected_equal_one_at_a_time(model, token
         assert got_r == pytest.approx(reference_logps(model, *encode(tokenizer, p, r, 128))[0], abs=1e-4)
 
 
-def reference_greedy(model, tokenizer, prompt, max_new_tokens):
-    """Independent: no cache, no padding; re-run the whole sequence each step and take the argmax."""
-    ids = tokenizer(prompt)["input_ids"]
-    new = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            nxt = model(torch.tensor([ids + new])).logits[0, -1].argmax().item()
-            if nxt == tokenizer.eos_token_id:
-                break
-            new.append(nxt)
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
-
-
 def test_greedy_batched_generate_equals_one_prompt_at_a_time_and_eos_stops(tokenizer):
     m = make_model(tokenizer, seed=3)
     # a head with a bias on EOS makes some rows stop early and others run to the limit
@@ -211,7 +198,7 @@ def test_greedy_batched_generate_equals_one_prompt_at_a_time_and_eos_stops(token
     m.lm_head = head
     prompts = PROMPTS + ["USER: What is 1 + 2? ASSISTANT:", "hello", "the lazy dog"]
     got = generate(m, tokenizer, prompts, max_new_tokens=12, temperature=0, batch_size=4, progress=False)
-    refs = [reference_greedy(m, tokenizer, p, 12) for p in prompts]
+    refs = [greedy_alone(m, tokenizer, p, 12) for p in prompts]
     assert got == [r for r, _ in refs]
     lengths = [n for _, n in refs]
     assert min(lengths) < 12 and max(lengths) == 12, lengths     # both an EOS stop and a full-length row

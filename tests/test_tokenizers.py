@@ -10,7 +10,7 @@ import torch
 from data import (DataError, added_bos_id, collate, encode_many, encode_prompts, ensure_pad_token, pad_id,
                   render_prompt)
 from generate import generate, packed_logps, perplexity, sequence_logps
-from tiny import CHAT_TEMPLATES, QUIRKS, make_quirky_model, make_quirky_tokenizer
+from tiny import CHAT_TEMPLATES, QUIRKS, greedy_alone, make_quirky_model, make_quirky_tokenizer
 
 KINDS = list(QUIRKS)
 
@@ -205,18 +205,6 @@ def test_scoring_a_batch_padded_with_eos_equals_one_sequence_at_a_time(kind):
         assert logps.tolist() == pytest.approx([lp for lp, _ in expected], abs=1e-4), packable
         ppl = perplexity(model, tok, PROMPTS, RESPONSES, batch_size=2, max_length=256)
         assert ppl == pytest.approx([math.exp(-lp / c) for lp, c in expected], rel=1e-4), packable
-
-
-def greedy_alone(model, tokenizer, prompt, max_new_tokens):
-    """Independent: one prompt, no padding, no cache; the whole sequence re-run each step, argmax, stop at EOS."""
-    ids, new = tokenizer(prompt)["input_ids"], []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            nxt = model(torch.tensor([ids + new])).logits[0, -1].argmax().item()
-            if nxt == tokenizer.eos_token_id:
-                break
-            new.append(nxt)
-    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
 
 
 # an EOS bias per kind (found by trying) that makes some of the prompts below stop part-way and others run to

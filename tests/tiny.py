@@ -167,6 +167,18 @@ def make_quirky_model(kind, tokenizer, hidden=32, layers=2, seed=0):
     return LlamaForCausalLM(LlamaConfig(**shape, **ids)).eval()
 
 
+def greedy_alone(model, tokenizer, prompt, max_new_tokens):
+    """Independent: one prompt, no padding, no cache; the whole sequence re-run each step, argmax, stop at EOS."""
+    ids, new = tokenizer(prompt)["input_ids"], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = model(torch.tensor([ids + new])).logits[0, -1].argmax().item()
+            if nxt == tokenizer.eos_token_id:
+                break
+            new.append(nxt)
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
+
+
 def run_or_show(cmd, **kwargs):
     """subprocess.run(cmd) that fails the test with the command's exit status and the tail of its stderr (a
     torchrun job's own traceback), not a bare CalledProcessError."""
